@@ -1,0 +1,98 @@
+"""Adam with 8-bit block-wise quantized moments, through bitsandbytes' own update kernels (CPU and CUDA)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adamw import EXP_AVG, EXP_AVG_SQ, validate_adam_group
+
+EXP_AVG_ABSMAX = "exp_avg_absmax"
+EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"
+BLOCKSIZE = 256  # bitsandbytes' block-wise optimizer kernels quantize in blocks of 256 values
+
+_QMAPS: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def _qmap(signed: bool, device: torch.device) -> Tensor:
+    """bitsandbytes' dynamic quantization map: a constant, so it is cached here rather than kept in state."""
+    key = (signed, device)
+    if key not in _QMAPS:
+        import bitsandbytes.functional as bnbf
+
+        _QMAPS[key] = bnbf.create_dynamic_map(signed=signed).to(device)
+    return _QMAPS[key]
+
+
+def quantized_blocks(numel: int) -> int:
+    """How many block constants (absmax values) one 8-bit moment of `numel` entries carries."""
+    return -(-numel // BLOCKSIZE)
+
+
+class AdamW8bitUpdate:
+    """bitsandbytes AdamW8bit's rule: 8-bit moments for tensors of at least `min_8bit_size` entries, else 32-bit.
+
+    bitsandbytes updates a parameter in place; to get the subspace delta it updates a zero buffer of the
+    projected shape with weight decay off (the core applies decoupled decay to the full weight).
+    """
+
+    def __init__(self, min_8bit_size: int = 4096) -> None:
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
+        self.min_8bit_size = min_8bit_size
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        validate_adam_group(group)
+        if group.get("amsgrad", False):
+            raise ValueError("GaLoreAdamW8bit does not support amsgrad=True.")
+
+    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
+        return group["lr"]
+
+    def _init_state(self, grad: Tensor, state: dict[str, Any]) -> None:
+        if grad.numel() < self.min_8bit_size:
+            state[EXP_AVG] = torch.zeros_like(grad, dtype=torch.float32)
+            state[EXP_AVG_SQ] = torch.zeros_like(grad, dtype=torch.float32)
+            return
+        state[EXP_AVG] = torch.zeros_like(grad, dtype=torch.uint8)
+        state[EXP_AVG_SQ] = torch.zeros_like(grad, dtype=torch.uint8)
+        blocks = quantized_blocks(grad.numel())
+        state[EXP_AVG_ABSMAX] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state[EXP_AVG_SQ_ABSMAX] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+
+    def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        if EXP_AVG not in state:
+            self._init_state(grad, state)
+        beta1, beta2 = group["betas"]
+        grad = grad.contiguous()
+        buffer = torch.zeros_like(grad, dtype=torch.float32)
+        common = {"g": grad, "p": buffer, "beta1": beta1, "beta2": beta2, "eps": group["eps"], "step": step}
+        if state[EXP_AVG].dtype == torch.uint8:
+            bnbf.optimizer_update_8bit_blockwise(
+                optimizer_name="adam",
+                state1=state[EXP_AVG],
+                state2=state[EXP_AVG_SQ],
+                beta3=0.0,
+                alpha=0.0,
+                lr=lr,
+                qmap1=_qmap(True, grad.device),
+                qmap2=_qmap(False, grad.device),
+                absmax1=state[EXP_AVG_ABSMAX],
+                absmax2=state[EXP_AVG_SQ_ABSMAX],
+                weight_decay=0.0,
+                **common,
+            )
+        else:
+            bnbf.optimizer_update_32bit(
+                optimizer_name="adam",
+                state1=state[EXP_AVG],
+                state2=state[EXP_AVG_SQ],
+                lr=lr,
+                weight_decay=0.0,
+                **common,
+            )
+        return buffer.neg_().to(grad.dtype)

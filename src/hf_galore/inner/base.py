@@ -1,0 +1,27 @@
+"""The contract between the GaLore optimizer core and the update rule it runs in the subspace."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from torch import Tensor
+
+
+class InnerUpdate(Protocol):
+    """An optimizer's update rule, applied to a (possibly projected) gradient.
+
+    The core owns the parameter, the projection, the step counter and decoupled weight decay; an inner update
+    owns only its moment state, which has the gradient's (projected) shape.
+    """
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """Raise a `ValueError` naming any hyper-parameter of `group` this rule cannot use."""
+
+    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
+        """The step size for this update (`step` counts this update, starting at 1)."""
+
+    def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
+        """Advance the moments in `state` with `grad` and return the delta D to subtract: x ← x − D.
+
+        The core never modifies D in place, so D may be a state tensor.
+        """

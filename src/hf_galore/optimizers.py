@@ -1,0 +1,77 @@
+"""The public GaLore optimizers: the one core with AdamW, 8-bit AdamW or Adafactor as the inner rule.
+
+Defaults follow the plain optimizer each one stands for (torch.optim.AdamW, bitsandbytes AdamW8bit,
+transformers Adafactor), so a param group without `rank` behaves exactly like it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .core import GaLoreOptimizer
+from .inner import AdafactorUpdate, AdamW8bitUpdate, AdamWUpdate
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW whose moments live in each target weight's rank-r gradient subspace."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, inner=AdamWUpdate())
+
+
+class GaLoreAdamW8bit(GaLoreOptimizer):
+    """GaLoreAdamW with bitsandbytes' 8-bit block-wise moments (CPU and CUDA)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, inner=AdamW8bitUpdate(min_8bit_size=min_8bit_size))
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    """Adafactor in the subspace; defaults and options as transformers.optimization.Adafactor."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+    ) -> None:
+        if warmup_init and not relative_step:
+            raise ValueError("Invalid warmup_init=True with relative_step=False: warm-up init needs relative steps.")
+        defaults = {
+            "lr": lr,
+            "eps": tuple(eps),
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+        }
+        super().__init__(params, defaults, inner=AdafactorUpdate())

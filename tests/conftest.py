@@ -1,0 +1,48 @@
+"""Shared tiny models and a deterministic training loop for optimizer tests."""
+
+import warnings
+
+import pytest
+import torch
+
+IN, HIDDEN, OUT = 16, 48, 8  # first weight 48×16 (tall), second 8×48 (wide)
+
+
+def tiny_mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+
+
+def galore_groups(model: torch.nn.Sequential, **galore) -> list[dict]:
+    """Weights in a GaLore group, biases in a plain one (the usual split)."""
+    options = {"rank": 4, "update_proj_gap": 10, "scale": 0.5, "proj_type": "std", **galore}
+    return [
+        {"params": [model[0].weight, model[2].weight], **options},
+        {"params": [model[0].bias, model[2].bias]},
+    ]
+
+
+def batches(steps: int, seed: int = 1):
+    """Inputs with targets from a fixed random teacher, so there is something to learn."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(IN, OUT, generator=torch.Generator().manual_seed(99))
+    inputs = [torch.randn(32, IN, generator=gen) for _ in range(steps)]
+    return [(x, torch.tanh(x @ teacher)) for x in inputs]
+
+
+def train(model, optimizer, data) -> list[float]:
+    losses = []
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(autouse=True)
+def _quiet_reference_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield

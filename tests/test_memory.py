@@ -1,0 +1,79 @@
+"""Optimizer-state bytes equal the analytic count: 2·r·max(m, n) moments + r·min(m, n) basis per target."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes, optimizer_state_bytes
+
+RANK = 8
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _groups(model):
+    targets = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+    ids = {id(p) for p in targets}
+    others = [p for p in model.parameters() if id(p) not in ids]
+    return targets, others, [{"params": targets, "rank": RANK}, {"params": others}]
+
+
+FORMS = {
+    "adamw": (lambda g: GaLoreAdamW(g, lr=1e-3), {}),
+    # min_8bit_size=256 so that the projected targets (512+ entries) hold 8-bit moments and block constants too
+    "adamw8bit": (lambda g: GaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=256), {"min_8bit_size": 256}),
+    "adafactor": (lambda g: GaLoreAdafactor(g, lr=1e-3, relative_step=False, beta1=0.9), {"adafactor_beta1": True}),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_state_bytes_equal_analytic_count_on_tiny_llama(form):
+    model = tiny_llama()
+    targets, others, groups = _groups(model)
+    make, extra = FORMS[form]
+    optimizer = make(groups)
+    model(torch.randint(0, 512, (2, 16)), labels=torch.randint(0, 512, (2, 16))).loss.backward()
+    optimizer.step()
+    expected = sum(expected_state_bytes(tuple(p.shape), form=form, rank=RANK, **extra) for p in targets)
+    expected += sum(expected_state_bytes(tuple(p.shape), form=form, **extra) for p in others)
+    assert optimizer_state_bytes(optimizer) == expected
+
+
+def test_analytic_count_is_the_paper_formula():
+    m, n = 172, 64  # down_proj-like, tall: projected from the right
+    assert expected_state_bytes((m, n), form="adamw", rank=RANK) == 4 * (2 * RANK * max(m, n) + RANK * min(m, n))
+    assert expected_state_bytes((n, m), form="adamw", rank=RANK) == 4 * (2 * RANK * max(m, n) + RANK * min(m, n))
+    # 8-bit: one byte per moment entry plus one float32 absmax per block of 256 entries per moment.
+    moments = RANK * 4096
+    assert (
+        expected_state_bytes((4096, 64), form="adamw8bit", rank=RANK)
+        == 2 * moments + 2 * 4 * (moments // 256) + 4 * RANK * 64
+    )
+    assert expected_state_bytes((10, 10), form="adamw", rank=RANK, proj_type="full") == 4 * (
+        2 * RANK * RANK + 2 * RANK * 10
+    )
+
+
+def test_galore_saves_most_of_adamw_state_on_the_targets():
+    model = tiny_llama()
+    targets, _, _ = _groups(model)
+    galore = sum(expected_state_bytes(tuple(p.shape), form="adamw", rank=RANK) for p in targets)
+    adamw = sum(expected_state_bytes(tuple(p.shape), form="adamw") for p in targets)
+    assert galore < 0.3 * adamw
+
+
+def test_unknown_form_raises():
+    with pytest.raises(ValueError, match="Invalid form='sgd'. Must be one of adamw, adamw8bit, adafactor"):
+        expected_state_bytes((4, 4), form="sgd")

@@ -1,0 +1,289 @@
+"""GaLore optimizers against the reference (galore-torch 1.0) and the plain optimizers they stand for."""
+
+import copy
+import io
+import math
+
+import bitsandbytes as bnb
+import galore_torch
+import pytest
+import torch
+from conftest import batches, galore_groups, tiny_mlp, train
+from transformers.optimization import Adafactor
+
+from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from hf_galore.core import LEFT_BASIS, RIGHT_BASIS
+
+STEPS = 60  # > 50 steps, 6 refreshes at update_proj_gap=10
+
+ADAFACTOR_FIXED_LR = {"lr": 1e-2, "scale_parameter": False, "relative_step": False, "weight_decay": 0.0}
+
+
+def _max_param_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+# The reference AdamW adds eps to √v before bias correction (torch adds it after), and applies weight decay after
+# the update (torch before). With eps=0 and weight_decay=0 both conventions are the same maths, so only float32
+# rounding separates the trajectories: ~1e-7 relative per step, compounding over 60 steps at lr 1e-2 to < 1e-5
+# on weights of magnitude ~0.3. A wrong refresh step, side or scale shows up at 1e-2.
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+@pytest.mark.parametrize(
+    "ours,reference,kwargs",
+    [
+        (GaLoreAdamW, galore_torch.GaLoreAdamW, {"lr": 1e-2, "eps": 0.0, "weight_decay": 0.0}),
+        (GaLoreAdafactor, galore_torch.GaLoreAdafactor, {**ADAFACTOR_FIXED_LR, "beta1": 0.9}),
+        (GaLoreAdafactor, galore_torch.GaLoreAdafactor, ADAFACTOR_FIXED_LR),
+    ],
+    ids=["adamw", "adafactor-beta1", "adafactor"],
+)
+def test_trajectory_matches_reference(ours, reference, kwargs, proj_type):
+    data = batches(STEPS)
+    model_ours, model_ref = tiny_mlp(), tiny_mlp()
+    losses_ours = train(model_ours, ours(galore_groups(model_ours, proj_type=proj_type), **kwargs), data)
+    losses_ref = train(model_ref, reference(galore_groups(model_ref, proj_type=proj_type), **kwargs), data)
+    assert losses_ours[-1] < losses_ours[0]
+    torch.testing.assert_close(losses_ours, losses_ref, atol=1e-5, rtol=1e-5)
+    assert _max_param_diff(model_ours, model_ref) < 1e-5
+
+
+def test_adamw_eps_convention_differs_from_reference_as_documented():
+    """With eps > 0 the conventions differ (eps vs eps/√(1-β2^t)): pin that the difference is real."""
+    data = batches(5)
+    model_ours, model_ref = tiny_mlp(), tiny_mlp()
+    train(model_ours, GaLoreAdamW(galore_groups(model_ours), lr=1e-2, eps=1e-3, weight_decay=0.0), data)
+    train(model_ref, galore_torch.GaLoreAdamW(galore_groups(model_ref), lr=1e-2, eps=1e-3), data)
+    assert _max_param_diff(model_ours, model_ref) > 1e-5
+
+
+@pytest.mark.parametrize(
+    "ours,plain,kwargs,atol",
+    [
+        (GaLoreAdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-8}, 1e-6),
+        (GaLoreAdamW8bit, bnb.optim.AdamW8bit, {"lr": 1e-2, "weight_decay": 0.1}, 1e-6),
+        (GaLoreAdafactor, Adafactor, {"weight_decay": 0.1}, 1e-6),
+        (GaLoreAdafactor, Adafactor, {**ADAFACTOR_FIXED_LR, "beta1": 0.9, "weight_decay": 0.1}, 1e-6),
+    ],
+    ids=["adamw-vs-torch", "adamw8bit-vs-bnb", "adafactor-relative-vs-transformers", "adafactor-fixed-beta1"],
+)
+def test_groups_without_rank_equal_plain_optimizer(ours, plain, kwargs, atol):
+    data = batches(STEPS)
+    model_ours, model_plain = tiny_mlp(), tiny_mlp()
+    if plain is bnb.optim.AdamW8bit:  # force 8-bit states on these small weights, on both sides
+        kwargs = {**kwargs, "min_8bit_size": 256}
+    train(model_ours, ours(model_ours.parameters(), **kwargs), data)
+    train(model_plain, plain(model_plain.parameters(), **kwargs), data)
+    assert _max_param_diff(model_ours, model_plain) < atol
+
+
+def test_weight_decay_is_decoupled_and_applied_to_the_full_weight():
+    model_decay, model_plain = tiny_mlp(), tiny_mlp()
+    before = model_decay[0].weight.detach().clone()
+    lr, wd = 1e-2, 0.5
+    data = batches(1)
+    train(model_decay, GaLoreAdamW(galore_groups(model_decay), lr=lr, weight_decay=wd), data)
+    train(model_plain, GaLoreAdamW(galore_groups(model_plain), lr=lr, weight_decay=0.0), data)
+    expected = model_plain[0].weight - before * lr * wd  # (1 - lr·wd)·W + ΔW
+    torch.testing.assert_close(model_decay[0].weight, expected, atol=1e-7, rtol=0)
+
+
+def _relative_drift(model, reference, start):
+    """‖W − W_ref‖ / ‖W_ref − W_0‖ over all parameters: how far a run strays, against how far it went."""
+    drift = sum((p - q).square().sum() for p, q in zip(model.parameters(), reference.parameters()))
+    travel = sum((q - s).square().sum() for q, s in zip(reference.parameters(), start.parameters()))
+    return float((drift / travel).sqrt())
+
+
+def test_8bit_stores_uint8_moments_and_tracks_fp32():
+    """8-bit GaLore strays from fp32 GaLore no more than bitsandbytes' AdamW8bit strays from torch's AdamW.
+
+    That yardstick is measured here, on the same data (~3% relative drift after 50 steps). The basis is refreshed
+    only on the first step (same gradient in both runs): a later refresh on gradients that differ by quantization
+    noise may order near-equal singular directions differently, which tests the SVD, not the 8-bit moments.
+    """
+    data, lr = batches(50), 1e-2
+    model_bnb, model_torch = tiny_mlp(), tiny_mlp()
+    train(model_bnb, bnb.optim.AdamW8bit(model_bnb.parameters(), lr=lr, weight_decay=0.0, min_8bit_size=128), data)
+    train(model_torch, torch.optim.AdamW(model_torch.parameters(), lr=lr, weight_decay=0.0), data)
+    yardstick = _relative_drift(model_bnb, model_torch, tiny_mlp())
+
+    model_8, model_32 = tiny_mlp(), tiny_mlp()
+    groups_8, groups_32 = (galore_groups(m, rank=8, update_proj_gap=100) for m in (model_8, model_32))
+    opt_8 = GaLoreAdamW8bit(groups_8, lr=lr, weight_decay=0.0, min_8bit_size=128)
+    losses_8 = train(model_8, opt_8, data)
+    losses_32 = train(model_32, GaLoreAdamW(groups_32, lr=lr, weight_decay=0.0), data)
+    state = opt_8.state[model_8[0].weight]
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_sq"].dtype == torch.uint8
+    assert state["exp_avg"].shape == (48, 8)  # projected: 48×16 from the right at rank 8
+    assert 0.0 < _relative_drift(model_8, model_32, tiny_mlp()) < 1.5 * yardstick
+    torch.testing.assert_close(losses_8, losses_32, rtol=1e-2, atol=0)
+
+
+def test_8bit_form_with_32bit_states_equals_galore_adamw():
+    """Below `min_8bit_size` bitsandbytes keeps 32-bit moments: then the 8-bit form is GaLoreAdamW exactly."""
+    data = batches(STEPS)
+    model_8, model_32 = tiny_mlp(), tiny_mlp()
+    train(model_8, GaLoreAdamW8bit(galore_groups(model_8), lr=1e-2, weight_decay=0.1, min_8bit_size=10**9), data)
+    train(model_32, GaLoreAdamW(galore_groups(model_32), lr=1e-2, weight_decay=0.1), data)
+    assert _max_param_diff(model_8, model_32) < 1e-5
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: GaLoreAdamW(groups, lr=1e-2),
+    "adamw8bit": lambda groups: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=128),
+    "adafactor": lambda groups: GaLoreAdafactor(groups, **{**ADAFACTOR_FIXED_LR, "beta1": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("stop_at", [10, 17], ids=["on-refresh", "mid-interval"])
+def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
+    data = batches(30)
+    make = OPTIMIZERS[name]
+    model_full = tiny_mlp()
+    losses_full = train(model_full, make(galore_groups(model_full)), data)
+
+    model = tiny_mlp()
+    opt = make(galore_groups(model))
+    losses = train(model, opt, data[:stop_at])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_model = tiny_mlp(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_opt = make(galore_groups(resumed_model))
+    resumed_opt.load_state_dict(saved["optimizer"])
+    state = resumed_opt.state[resumed_model[0].weight]
+    assert state[RIGHT_BASIS].dtype == torch.float32
+    if name == "adamw8bit":
+        assert state["exp_avg"].dtype == torch.uint8
+    losses += train(resumed_model, resumed_opt, data[stop_at:])
+    assert losses == losses_full
+    for p, q in zip(resumed_model.parameters(), model_full.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_optimizer_pickles_and_deepcopies_with_its_rule():
+    model = tiny_mlp()
+    opt = GaLoreAdamW8bit(galore_groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    clone = copy.deepcopy(opt)
+    assert clone.inner.min_8bit_size == opt.inner.min_8bit_size
+    assert set(clone.state_dict()["state"]) == set(opt.state_dict()["state"])
+
+
+def test_non_finite_gradient_at_refresh_keeps_previous_basis():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model, update_proj_gap=2), lr=1e-2)
+    train(model, opt, batches(2))  # refresh at step 0; next refresh due at step 2
+    basis = opt.state[model[0].weight][RIGHT_BASIS].clone()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[0].weight.grad[0, 0] = math.nan
+    with pytest.warns(UserWarning, match="non-finite values; keeping the previous basis"):
+        opt.step()
+    assert torch.equal(opt.state[model[0].weight][RIGHT_BASIS], basis)
+
+
+def test_non_finite_gradient_on_first_refresh_gives_orthonormal_fallback():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, math.inf)
+    with pytest.warns(UserWarning, match="starting from coordinate axes"):
+        opt.step()
+    basis = opt.state[model[0].weight][RIGHT_BASIS]
+    assert torch.isfinite(basis).all()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(4))
+
+
+def test_svd_failure_keeps_previous_basis(monkeypatch):
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model, update_proj_gap=1), lr=1e-2)
+    train(model, opt, batches(1))
+    basis = opt.state[model[0].weight][RIGHT_BASIS].clone()
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    with pytest.warns(UserWarning, match="the SVD failed"):
+        train(model, opt, batches(1, seed=5))
+    assert torch.equal(opt.state[model[0].weight][RIGHT_BASIS], basis)
+
+
+def test_rank_above_min_dimension_is_clipped_with_one_warning():
+    model = tiny_mlp()
+    with pytest.warns(UserWarning, match="exceeds min") as record:
+        opt = GaLoreAdamW(galore_groups(model, rank=100), lr=1e-2)
+    assert len([w for w in record if "exceeds min" in str(w.message)]) == 1
+    train(model, opt, batches(1))
+    assert opt.state[model[0].weight][RIGHT_BASIS].shape == (16, 16)
+    assert opt.state[model[2].weight][LEFT_BASIS].shape == (8, 8)
+
+
+def test_refresh_stats_count_refreshes_and_overlap():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model, update_proj_gap=5), lr=1e-2)
+    train(model, opt, batches(11))  # refreshes at steps 0, 5, 10 for 2 weights
+    stats = opt.pop_refresh_stats()
+    assert stats.count == 6 and stats.overlap_count == 4
+    assert 0.0 <= stats.mean_overlap <= 1.0 + 1e-6
+    assert opt.pop_refresh_stats().count == 0
+
+
+BAD_GROUP_OPTIONS = [
+    ({"rank": 0}, "Invalid rank=0. Must be an int >= 1."),
+    ({"rank": 2.5}, "Invalid rank=2.5"),
+    ({"rank": True}, "Invalid rank=True"),
+    ({"update_proj_gap": 0}, "Invalid update_proj_gap=0"),
+    ({"scale": 0.0}, "Invalid scale=0.0"),
+    ({"scale": math.inf}, "Invalid scale=inf"),
+    ({"scale": math.nan}, "Invalid scale=nan"),
+    ({"proj_type": "diagonal"}, "Invalid proj_type='diagonal'. Must be one of std, reverse_std, left, right, full."),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_GROUP_OPTIONS, ids=[m.split(".")[0] for _, m in BAD_GROUP_OPTIONS])
+def test_bad_galore_options_raise(options, message):
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        GaLoreAdamW(galore_groups(model, **options))
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda ps: GaLoreAdamW(ps, lr=-1.0), "Invalid lr=-1.0"),
+        (lambda ps: GaLoreAdamW(ps, betas=(1.0, 0.999)), r"Invalid beta1=1.0. Must be in \[0, 1\)"),
+        (lambda ps: GaLoreAdamW(ps, betas=(0.9, -0.1)), "Invalid beta2=-0.1"),
+        (lambda ps: GaLoreAdamW(ps, eps=-1e-8), "Invalid eps=-1e-08"),
+        (lambda ps: GaLoreAdamW(ps, weight_decay=-0.1), "Invalid weight_decay=-0.1"),
+        (lambda ps: GaLoreAdamW8bit(ps, betas=(0.9, 1.5)), "Invalid beta2=1.5"),
+        (lambda ps: GaLoreAdamW8bit(ps, min_8bit_size=-1), "Invalid min_8bit_size=-1"),
+        (lambda ps: GaLoreAdafactor(ps, lr=1e-3), "relative_step=True"),
+        (lambda ps: GaLoreAdafactor(ps, relative_step=False), "lr=None with relative_step=False"),
+        (lambda ps: GaLoreAdafactor(ps, beta1=1.0), "Invalid beta1=1.0"),
+        (lambda ps: GaLoreAdafactor(ps, lr=1e-3, relative_step=False, warmup_init=True), "warmup_init"),
+        (lambda ps: GaLoreAdamW([{"params": ps, "amsgrad": True}]), "does not support amsgrad"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_hyperparameters_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(list(tiny_mlp().parameters()))
+
+
+def test_rank_on_a_non_matrix_parameter_raises():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=r"shape \(48,\): `rank` applies to 2-D weights only"):
+        GaLoreAdamW([{"params": [model[0].bias], "rank": 4}])
+
+
+def test_group_defaults_follow_the_paper():
+    model = tiny_mlp()
+    opt = GaLoreAdamW([{"params": [model[0].weight], "rank": 4}])
+    group = opt.param_groups[0]
+    assert (group["update_proj_gap"], group["scale"], group["proj_type"]) == (200, 0.25, "std")
