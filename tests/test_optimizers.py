@@ -11,7 +11,7 @@ import torch
 from conftest import batches, galore_groups, tiny_mlp, train
 from transformers.optimization import Adafactor
 
-from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import LEFT_BASIS, RIGHT_BASIS
 
 STEPS = 60  # > 50 steps, 6 refreshes at update_proj_gap=10
@@ -129,9 +129,9 @@ def test_8bit_form_with_32bit_states_equals_galore_adamw():
 
 
 OPTIMIZERS = {
-    "adamw": lambda groups: GaLoreAdamW(groups, lr=1e-2),
-    "adamw8bit": lambda groups: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=128),
-    "adafactor": lambda groups: GaLoreAdafactor(groups, **{**ADAFACTOR_FIXED_LR, "beta1": 0.9}),
+    "adamw": lambda groups, **kw: GaLoreAdamW(groups, lr=1e-2, **kw),
+    "adamw8bit": lambda groups, **kw: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=128, **kw),
+    "adafactor": lambda groups, **kw: GaLoreAdafactor(groups, **{**ADAFACTOR_FIXED_LR, "beta1": 0.9}, **kw),
 }
 
 
@@ -287,3 +287,68 @@ def test_group_defaults_follow_the_paper():
     opt = GaLoreAdamW([{"params": [model[0].weight], "rank": 4}])
     group = opt.param_groups[0]
     assert (group["update_proj_gap"], group["scale"], group["proj_type"]) == (200, 0.25, "std")
+
+
+def test_galore_params_split_the_callers_groups():
+    model = tiny_mlp()
+    groups = [
+        {"params": [model[0].weight, model[0].bias], "weight_decay": 0.1},
+        {"params": [model[2].weight, model[2].bias], "weight_decay": 0.0},
+    ]
+    config = GaLoreConfig(rank=4, update_proj_gap=10, scale=0.5)
+    opt = GaLoreAdamW(groups, lr=1e-2, galore_params=[model[0].weight, model[2].weight], galore_config=config)
+    layout = [([tuple(p.shape) for p in g["params"]], g["weight_decay"], g.get("rank")) for g in opt.param_groups]
+    assert layout == [([(48,)], 0.1, None), ([(48, 16)], 0.1, 4), ([(8,)], 0.0, None), ([(8, 48)], 0.0, 4)]
+    with pytest.raises(ValueError, match="1 of 1 tensors are not among the optimizer's params"):
+        GaLoreAdamW([model[0].bias], galore_params=[model[0].weight])
+    with pytest.raises(ValueError, match="galore_config without galore_params"):
+        GaLoreAdamW(model.parameters(), galore_config=config)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_layerwise_equals_whole_model_step_with_accumulation(name):
+    """Hooks update each weight once its accumulated gradient is complete; the result is the ordinary step."""
+    make = OPTIMIZERS[name]
+    data = batches(12)
+    whole, layerwise = tiny_mlp(), tiny_mlp()
+    opt_whole = make(galore_groups(whole))
+    boundary = {"now": False}
+    opt_layer = make(galore_groups(layerwise), layerwise=True, should_step=lambda: boundary["now"])
+    for start in range(0, 12, 3):  # 3 micro-batches per step
+        for model, opt in ((whole, opt_whole), (layerwise, opt_layer)):
+            for offset, (x, y) in enumerate(data[start : start + 3]):
+                boundary["now"] = offset == 2
+                torch.nn.functional.mse_loss(model(x), y).div(3).backward()
+            if opt is opt_whole:
+                norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
+            opt.step()
+            opt.zero_grad()
+        assert all(p.grad is None for p in layerwise.parameters())
+        assert opt_layer.last_grad_norm == pytest.approx(float(norm), rel=1e-5)
+    for p, q in zip(whole.parameters(), layerwise.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
+def test_layerwise_hooks_follow_param_groups_replaced_by_load_state_dict():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2, layerwise=True)
+    opt.load_state_dict(opt.state_dict())  # as accelerate's prepare does: new group dicts
+    for group in opt.param_groups:
+        group["lr"] = 0.0  # a scheduler writing the new dicts
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches(1)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_refresh_clock_overrides_each_tensors_own_count():
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model, update_proj_gap=4), lr=1e-2)
+    train(model, opt, batches(1))
+    opt.pop_refresh_stats()
+    opt.set_refresh_clock(8)  # a global step on the refresh schedule, though each tensor has done 1 update
+    train(model, opt, batches(1))
+    assert opt.pop_refresh_stats().count == 2
+    opt.set_refresh_clock(9)
+    train(model, opt, batches(1))
+    assert opt.pop_refresh_stats().count == 0

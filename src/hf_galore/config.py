@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -50,3 +51,31 @@ class GaLoreConfig:
 
 
 GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in asdict(GaLoreConfig()).items() if k != "rank"}
+
+
+def _convert(key: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an int" if kind is int else "a number"
+        raise ValueError(f"Invalid optim_args {key}={text!r}. Must be {expected}.") from None
+
+
+def parse_optim_args(
+    optim_args: Mapping[str, str], *, extra: Mapping[str, Any] | None = None
+) -> tuple[GaLoreConfig, dict[str, Any]]:
+    """Turn `--optim_args` (already split into strings by transformers) into a config plus optimizer keywords.
+
+    `extra` names the keys this optimizer accepts beyond the GaLore ones, with their defaults (typed by them).
+    An unknown key, or a value of the wrong kind, raises a `ValueError` listing the valid keys.
+    """
+    extra = dict(extra or {})
+    defaults = asdict(GaLoreConfig())
+    valid = {**defaults, **extra}
+    unknown = sorted(set(optim_args) - set(valid))
+    if unknown:
+        listing = ", ".join(f"{key} (default {value})" for key, value in valid.items())
+        raise ValueError(f"Unknown optim_args key(s) {', '.join(map(repr, unknown))}. Valid keys: {listing}.")
+    typed = {key: _convert(key, text, type(valid[key])) for key, text in optim_args.items()}
+    config = GaLoreConfig(**{key: typed.get(key, default) for key, default in defaults.items()})
+    return config, {key: typed[key] for key in extra if key in typed}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import GROUP_DEFAULTS, validate_galore_options
+from .config import GROUP_DEFAULTS, GaLoreConfig, validate_galore_options
 from .inner import InnerUpdate
 from .projector import (
     compute_bases,
@@ -52,16 +52,108 @@ def is_galore_group(group: dict[str, Any]) -> bool:
     return group.get("rank") is not None
 
 
-class GaLoreOptimizer(torch.optim.Optimizer):
-    """Gradient Low-Rank Projection around a pluggable inner update rule (Zhao et al., 2024, Algorithm 1)."""
+def split_galore_groups(
+    params: Iterable[Any], galore_params: Iterable[Tensor], config: GaLoreConfig
+) -> list[dict[str, Any]]:
+    """Split each param group in two: its `galore_params` with `config`'s keys, and the rest as they were.
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, inner: InnerUpdate) -> None:
+    This keeps whatever grouping the caller made (the Trainer's weight-decay split, say) and adds GaLore to it.
+    """
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    chosen = {id(p) for p in galore_params}
+    found: set[int] = set()
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        members = list(group["params"]) if not isinstance(group["params"], Tensor) else [group["params"]]
+        galore = [p for p in members if id(p) in chosen]
+        found.update(id(p) for p in galore)
+        rest = [p for p in members if id(p) not in chosen]
+        if rest:
+            split.append({**group, "params": rest})
+        if galore:
+            split.append({**group, "params": galore, **config.group_options()})
+    if len(found) != len(chosen):
+        raise ValueError(
+            f"Invalid galore_params: {len(chosen) - len(found)} of {len(chosen)} tensors are not among the "
+            "optimizer's params; pass the parameters being optimized."
+        )
+    return split
+
+
+def accelerate_sync_gradients() -> bool:
+    """True on the micro-batch whose backward completes the accumulated gradient (always, without accumulation).
+
+    accelerate's GradientState is shared process-wide and defaults to True when nothing set it up.
+    """
+    from accelerate.state import GradientState
+
+    return GradientState().sync_gradients
+
+
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """Gradient Low-Rank Projection around a pluggable inner update rule (Zhao et al., 2024, Algorithm 1).
+
+    `galore_params` + `galore_config` give GaLore to those tensors whatever groups `params` holds (otherwise,
+    groups opt in with a `rank` key). `layerwise=True` updates each parameter from its post-accumulate-grad
+    hook as soon as its gradient is complete, on the micro-batch `should_step()` approves (the accumulation
+    boundary), and frees the gradient, so at most one full gradient is alive at a time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        inner: InnerUpdate,
+        galore_params: Iterable[Tensor] | None = None,
+        galore_config: GaLoreConfig | None = None,
+        layerwise: bool = False,
+        should_step: Callable[[], bool] = accelerate_sync_gradients,
+    ) -> None:
         self.inner = inner
         self._refresh_stats = RefreshStats()
+        self._refresh_clock: int | None = None
+        self.layerwise = layerwise
+        self.last_grad_norm: float | None = None
+        self._layerwise_sq_norm: Tensor | float = 0.0
+        if galore_params is not None:
+            params = split_galore_groups(params, galore_params, galore_config or GaLoreConfig())
+        elif galore_config is not None:
+            raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         super().__init__(params, defaults)
+        if layerwise:
+            self._register_layerwise_hooks(should_step)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "inner": self.inner, "_refresh_stats": self._refresh_stats}
+        # Hook handles belong to the original parameters; a copy (deepcopy, pickle) starts without hooks.
+        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k != "_layerwise_hooks"}}
+
+    def set_refresh_clock(self, step: int | None) -> None:
+        """Schedule refreshes by this step count (the Trainer's global step) instead of each tensor's own count.
+
+        They differ when updates are skipped (fp16 overflow, a parameter without gradient), so a run resumed from
+        a checkpoint or trained with accumulation keeps the refresh schedule the step counter promises.
+        """
+        self._refresh_clock = step
+
+    def _register_layerwise_hooks(self, should_step: Callable[[], bool]) -> None:
+        # Group by index, looked up when the hook runs: load_state_dict (accelerate's prepare does one) replaces
+        # the group dicts, and the LR scheduler writes the new ones.
+        group_index = {param: i for i, group in enumerate(self.param_groups) for param in group["params"]}
+
+        def update_now(param: Tensor) -> None:
+            if param.grad is None or not should_step():
+                return
+            with torch.no_grad():
+                self._layerwise_sq_norm = self._layerwise_sq_norm + param.grad.float().square().sum()
+                self._update_parameter(param, self.param_groups[group_index[param]])
+            param.grad = None
+
+        self._layerwise_hooks = [
+            param.register_post_accumulate_grad_hook(update_now) for param in group_index if param.requires_grad
+        ]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -106,6 +198,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:  # the hooks have updated (and freed) every gradient of this step by now
+            self.last_grad_norm = float(torch.as_tensor(self._layerwise_sq_norm).sqrt())
+            self._layerwise_sq_norm = 0.0
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
@@ -120,7 +215,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
         if galore:
-            if is_refresh_step(step, group["update_proj_gap"]) or not (LEFT_BASIS in state or RIGHT_BASIS in state):
+            clock = step if self._refresh_clock is None else self._refresh_clock
+            if is_refresh_step(clock, group["update_proj_gap"]) or not (LEFT_BASIS in state or RIGHT_BASIS in state):
                 self._refresh_bases(grad, state, group)
             grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1

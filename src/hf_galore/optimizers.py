@@ -1,7 +1,9 @@
 """The public GaLore optimizers: the one core with AdamW, 8-bit AdamW or Adafactor as the inner rule.
 
 Defaults follow the plain optimizer each one stands for (torch.optim.AdamW, bitsandbytes AdamW8bit,
-transformers Adafactor), so a param group without `rank` behaves exactly like it.
+transformers Adafactor), so a param group without `rank` behaves exactly like it. Each also takes the core's
+keyword-only options (`**galore`): `galore_params`, `galore_config`, `layerwise`, `should_step`
+(see `GaLoreOptimizer`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        **galore: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, inner=AdamWUpdate())
+        super().__init__(params, defaults, inner=AdamWUpdate(), **galore)
 
 
 class GaLoreAdamW8bit(GaLoreOptimizer):
@@ -40,9 +43,10 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         weight_decay: float = 1e-2,
         *,
         min_8bit_size: int = 4096,
+        **galore: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, inner=AdamW8bitUpdate(min_8bit_size=min_8bit_size))
+        super().__init__(params, defaults, inner=AdamW8bitUpdate(min_8bit_size=min_8bit_size), **galore)
 
 
 class GaLoreAdafactor(GaLoreOptimizer):
@@ -60,6 +64,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
+        **galore: Any,
     ) -> None:
         if warmup_init and not relative_step:
             raise ValueError("Invalid warmup_init=True with relative_step=False: warm-up init needs relative steps.")
@@ -74,4 +79,4 @@ class GaLoreAdafactor(GaLoreOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
         }
-        super().__init__(params, defaults, inner=AdafactorUpdate())
+        super().__init__(params, defaults, inner=AdafactorUpdate(), **galore)

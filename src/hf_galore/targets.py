@@ -183,6 +183,19 @@ def _head_names(module_name: str, output_name: str | None) -> set[str]:
     return names
 
 
+def _peft_adapter_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the adapter modules inside PEFT tuner layers (everything there but ``base_layer``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return tuple(
+        f"{name}.{child}."
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+        for child, _ in module.named_children()
+        if child != "base_layer"
+    )
+
+
 def _output_embeddings_name(model: torch.nn.Module) -> str | None:
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     if not callable(get_output_embeddings):
@@ -255,6 +268,8 @@ def select_targets(
     target_modules: str | list[str] | tuple[str, ...] | set[str] | None,
     *,
     optimizer_name: str = "GaLore",
+    rank: int | None = None,
+    form: InnerForm = "adamw",
 ) -> list[GaLoreTarget]:
     """Select the weights that get GaLore, in ``model.named_modules()`` order; log the selection once at INFO.
 
@@ -279,9 +294,12 @@ def select_targets(
     non_linear: list[str] = []
     frozen: list[str] = []
     heads: list[str] = []
+    adapters = _peft_adapter_prefixes(model)
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         is_candidate = isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(weight, torch.Tensor)
+        if is_candidate and f"{module_name}.".startswith(adapters):
+            continue  # a PEFT adapter's own low-rank factors (lora_A, lora_B, ...) are never GaLore targets
         if is_candidate:
             linear_names.append(module_name)
         elif spec == ALL_LINEAR or not module_name:
@@ -344,9 +362,8 @@ def select_targets(
         for label, names in skipped
         if names is not non_linear
     )
-    logger.info(
-        "%s selected %d weight matrices:\n%s%s", optimizer_name, len(targets), format_target_table(targets), notes
-    )
+    table = format_target_table(targets, rank, form)
+    logger.info("%s selected %d weight matrices:\n%s%s", optimizer_name, len(targets), table, notes)
     return targets
 
 

@@ -1,0 +1,108 @@
+"""GaLoreCallback: refreshes on the Trainer's global step, and GaLore's memory and refresh figures in its logs."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .core import GaLoreOptimizer
+from .memory import optimizer_state_bytes
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+def unwrap_galore(optimizer: Any) -> GaLoreOptimizer | None:
+    """The GaLore optimizer inside accelerate's wrapper (or the argument itself), else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, GaLoreOptimizer) else None
+
+
+def peak_memory_mb(optimizer: torch.optim.Optimizer) -> float:
+    """CUDA's max allocated bytes where the parameters live on CUDA, else the process's peak resident set."""
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MIB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (MIB if sys.platform == "darwin" else 1024)
+
+
+def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
+    """Optimizer-state MiB held, what AdamW would hold for the same parameters, the saving, and peak memory."""
+    held = optimizer_state_bytes(optimizer)
+    adamw = sum(2 * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    return {
+        "galore/optimizer_state_mb": held / MIB,
+        "galore/adamw_equivalent_mb": adamw / MIB,
+        "galore/state_saving_pct": 100.0 * (1.0 - held / adamw) if adamw else 0.0,
+        "galore/peak_memory_mb": peak_memory_mb(optimizer),
+    }
+
+
+class GaLoreCallback(TrainerCallback):
+    """Drive refreshes by `state.global_step` and add GaLore's figures to every training log.
+
+    The plugin inserts it first in the Trainer's callback list, so the figures reach the console, `log_history`
+    and every `report_to` integration; added by hand (`trainer.add_callback`) it still fills `log_history`.
+    With a layer-wise optimizer it replaces the logged `grad_norm` (0: the hooks consumed the gradients) with the
+    real norm.
+    """
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+        self.refresh_seconds = 0.0
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        galore = unwrap_galore(optimizer)
+        if galore is not None:
+            galore.set_refresh_clock(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        galore = unwrap_galore(optimizer)
+        if galore is None or logs is None or "loss" not in logs:
+            return
+        stats = galore.pop_refresh_stats()
+        self.refreshes += stats.count
+        self.refresh_seconds += stats.seconds
+        figures = {**memory_figures(galore), "galore/refresh_seconds": stats.seconds}
+        if stats.mean_overlap is not None:
+            figures["galore/subspace_overlap"] = stats.mean_overlap
+        if galore.layerwise and "grad_norm" in logs and galore.last_grad_norm is not None:
+            figures["grad_norm"] = galore.last_grad_norm
+        logs.update(figures)
+        # Trainer.log appends a copy of `logs` to log_history before calling on_log: update that entry too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        galore = unwrap_galore(optimizer)
+        if galore is None:
+            return
+        stats = galore.pop_refresh_stats()
+        self.refreshes += stats.count
+        self.refresh_seconds += stats.seconds
+        figures = memory_figures(galore)
+        logger.info(
+            "GaLore: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "
+            "peak memory %.0f MiB.",
+            figures["galore/optimizer_state_mb"],
+            figures["galore/adamw_equivalent_mb"],
+            figures["galore/state_saving_pct"],
+            self.refreshes,
+            self.refresh_seconds,
+            figures["galore/peak_memory_mb"],
+        )
+
+
+def attach_callback(trainer: Any) -> None:
+    """Put a GaLoreCallback first in `trainer`'s callbacks (once) when its optimizer is a GaLore optimizer."""
+    handler = trainer.callback_handler
+    if unwrap_galore(trainer.optimizer) is None or any(isinstance(c, GaLoreCallback) for c in handler.callbacks):
+        return
+    handler.callbacks.insert(0, GaLoreCallback())

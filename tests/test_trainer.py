@@ -1,0 +1,205 @@
+"""Trainer integration: the six optim names, settings forwarded, memory figures, exact resume, layer-wise."""
+
+import math
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import hf_galore
+from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes
+from hf_galore.callback import GaLoreCallback
+from hf_galore.trainer_factory import GALORE_OPTIMIZERS, check_supported
+
+VOCAB = 128
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, count=64, length=16):
+        self.tokens = torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    return LlamaForCausalLM(config)
+
+
+class NotebookTrainer(Trainer):
+    """A Trainer subclass as people write them in notebooks."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def make_args(tmp_path, optim="galore_adamw", **overrides):
+    options = {
+        "output_dir": str(tmp_path),
+        "optim": optim,
+        "optim_target_modules": "attn,mlp",
+        "optim_args": "rank=4,update_proj_gap=4,scale=0.5",
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+    return TrainingArguments(**{**options, **overrides})
+
+
+def train(tmp_path, optim="galore_adamw", trainer_cls=Trainer, resume=None, **overrides):
+    trainer = trainer_cls(
+        model=tiny_llama(), args=make_args(tmp_path, optim, **overrides), train_dataset=RandomTokens()
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def losses(trainer):
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("optim", list(GALORE_OPTIMIZERS))
+def test_notebook_trainer_subclass_trains_with_each_name(optim, tmp_path):
+    trainer = train(tmp_path, optim, trainer_cls=NotebookTrainer, max_grad_norm=0.0)
+    optimizer = trainer.optimizer.optimizer
+    cls, _, layerwise = GALORE_OPTIMIZERS[optim]
+    assert type(optimizer) is cls and optimizer.layerwise is layerwise
+    logged = losses(trainer)
+    assert len(logged) == 6 and all(math.isfinite(loss) for _, loss in logged)
+    galore_groups = [g for g in optimizer.param_groups if g.get("rank")]
+    assert sum(len(g["params"]) for g in galore_groups) == 14  # 2 layers × (4 attention + 3 MLP)
+    assert all(g["rank"] == 4 and g["update_proj_gap"] == 4 and g["scale"] == 0.5 for g in galore_groups)
+    assert any(isinstance(c, GaLoreCallback) for c in trainer.callback_handler.callbacks)
+    if layerwise:  # the real norm, not the 0 the built-in layer-wise path logs
+        assert all(entry["grad_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_training_arguments_reach_the_param_groups(tmp_path):
+    args = {"weight_decay": 0.05, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "max_steps": 1}
+    trainer = train(tmp_path, "galore_adamw_8bit", **args)
+    optimizer = trainer.optimizer.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 and group["lr"] >= 0
+        for param in group["params"]:
+            excluded = "norm" in names[id(param)] or "bias" in names[id(param)]
+            assert group["weight_decay"] == (0.0 if excluded else 0.05), names[id(param)]
+    assert {g["weight_decay"] for g in optimizer.param_groups if g.get("rank")} == {0.05}
+
+
+def test_adafactor_gets_a_fixed_scheduled_lr(tmp_path):
+    trainer = train(tmp_path, "galore_adafactor", max_steps=1)
+    group = trainer.optimizer.optimizer.param_groups[0]
+    assert group["relative_step"] is False and group["scale_parameter"] is False
+
+
+def test_memory_figures_in_log_history_equal_the_analytic_count(tmp_path):
+    trainer = train(tmp_path, "galore_adamw", max_steps=2)
+    optimizer = trainer.optimizer.optimizer
+    expected = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            expected += expected_state_bytes(tuple(p.shape), form="adamw", rank=group.get("rank"))
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["galore/optimizer_state_mb"] == pytest.approx(expected / 2**20, rel=1e-12)
+    adamw = sum(2 * 4 * p.numel() for p in trainer.model.parameters())
+    assert entry["galore/adamw_equivalent_mb"] == pytest.approx(adamw / 2**20, rel=1e-12)
+    assert entry["galore/state_saving_pct"] == pytest.approx(100 * (1 - expected / adamw))
+    assert entry["galore/peak_memory_mb"] > 0 and entry["galore/refresh_seconds"] > 0  # step 0 refreshes
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise"])
+def test_resume_mid_interval_reproduces_the_uninterrupted_run(optim, tmp_path):
+    # update_proj_gap=4: refreshes at global steps 0, 4, 8; the checkpoint at step 6 is mid-interval.
+    common = {"max_steps": 10, "save_strategy": "steps", "save_steps": 6, "max_grad_norm": 0.0}
+    full = train(tmp_path / "full", optim, **common)
+    resumed = train(tmp_path / "full", optim, resume=str(tmp_path / "full" / "checkpoint-6"), **common)
+    assert losses(resumed)[-4:] == losses(full)[-4:]
+    assert [s for s, _ in losses(resumed)] == list(range(1, 11))
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_layerwise_with_accumulation_matches_the_whole_model_form(tmp_path):
+    common = {"gradient_accumulation_steps": 4, "per_device_train_batch_size": 2, "max_steps": 5, "max_grad_norm": 0.0}
+    whole = train(tmp_path / "whole", "galore_adamw", **common)
+    layerwise = train(tmp_path / "layerwise", "galore_adamw_layerwise", **common)
+    # Same arithmetic in a different order of parameters: per-parameter updates are independent, so the
+    # weights agree to float32 rounding (the gradient sums are identical; only loss logging differs).
+    for p, q in zip(whole.model.parameters(), layerwise.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    # grad_norm logged by the layer-wise run is the real one, the same the whole-model run computes
+    whole_norms = [e["grad_norm"] for e in whole.state.log_history if "loss" in e]
+    layer_norms = [e["grad_norm"] for e in layerwise.state.log_history if "loss" in e]
+    assert layer_norms == pytest.approx(whole_norms, rel=1e-4)
+    lrs = [e["learning_rate"] for e in layerwise.state.log_history if "loss" in e]
+    assert lrs == [e["learning_rate"] for e in whole.state.log_history if "loss" in e]
+
+
+def test_layerwise_warns_that_max_grad_norm_cannot_clip(tmp_path):
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0 cannot clip"):
+        train(tmp_path, "galore_adamw_layerwise", max_steps=1)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    [
+        ({"optim_args": "rank=4,color=blue"}, ValueError, r"Unknown optim_args key\(s\) 'color'. Valid keys: rank"),
+        ({"optim_args": "rank=abc"}, ValueError, r"Invalid optim_args rank='abc'. Must be an int"),
+        ({"optim_args": "rank=0"}, ValueError, r"Invalid rank=0"),
+        ({"optim_args": "min_8bit_size=10"}, ValueError, r"Unknown optim_args key\(s\) 'min_8bit_size'"),
+        ({"optim_target_modules": ""}, ValueError, r"Invalid optim_target_modules=''"),
+        ({"optim_target_modules": "(q"}, ValueError, r"does not compile"),
+        ({"optim_target_modules": "embed_tokens"}, ValueError, r"matched only non-linear modules"),
+        ({"optim_target_modules": "norm"}, ValueError, r"matched only non-linear modules"),
+    ],
+    ids=["unknown-key", "non-numeric-rank", "rank-0", "8bit-key-on-adamw", "empty", "bad-regex", "embeddings", "1-d"],
+)
+def test_bad_inputs_raise_clear_errors(overrides, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        train(tmp_path, "galore_adamw", max_steps=1, **overrides)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"deepspeed": "ds_config.json"}, "DeepSpeed is not supported yet"),
+        ({"fsdp": [1]}, "FSDP is not supported yet"),
+        ({"parallel_mode": types.SimpleNamespace(value="distributed")}, "does not support multi-process"),
+        ({"fp16": True}, "cannot run with --fp16"),
+    ],
+    ids=["layerwise+deepspeed", "layerwise+fsdp", "layerwise+ddp", "layerwise+fp16"],
+)
+def test_unsupported_combinations_raise(settings, message):
+    args = {"fsdp": [], "deepspeed": None, "fp16": False, "max_grad_norm": 0.0}
+    args["parallel_mode"] = types.SimpleNamespace(value="not_distributed")
+    with pytest.raises((NotImplementedError, ValueError), match=message):
+        check_supported(types.SimpleNamespace(**{**args, **settings}), "galore_adamw_layerwise", layerwise=True)
+
+
+def test_registration_is_idempotent_and_serves_every_name():
+    hf_galore.register()
+    hf_galore.register()
+    assert hf_galore.integration.is_registered()
+    from transformers.trainer_optimizer import OptimizerContext
+
+    args = make_args("unused", "galore_adamw")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_llama())
+    assert cls is GaLoreAdamW and "params" not in kwargs and kwargs["galore_config"].rank == 4
+    assert OptimizerContext  # the handler signature transformers calls
+    assert {GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor} == {c for c, _, _ in GALORE_OPTIMIZERS.values()}
