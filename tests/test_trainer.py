@@ -203,3 +203,29 @@ def test_registration_is_idempotent_and_serves_every_name():
     assert cls is GaLoreAdamW and "params" not in kwargs and kwargs["galore_config"].rank == 4
     assert OptimizerContext  # the handler signature transformers calls
     assert {GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor} == {c for c, _, _ in GALORE_OPTIMIZERS.values()}
+
+
+def test_peft_wrapped_model_trains_unfrozen_weights_and_never_the_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if ".mlp." in name and "lora" not in name:
+            param.requires_grad_(True)  # train the MLP fully next to the attention adapters
+    trainer = Trainer(model=model, args=make_args(tmp_path, "galore_adamw", max_steps=2), train_dataset=RandomTokens())
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    galore = sorted(names[id(p)] for g in optimizer.param_groups if g.get("rank") for p in g["params"])
+    assert len(galore) == 6 and all(".mlp." in n for n in galore)  # attn's base weights are frozen, adapters skipped
+    plain = [names[id(p)] for g in optimizer.param_groups if not g.get("rank") for p in g["params"]]
+    assert sum("lora_A" in n or "lora_B" in n for n in plain) == 8
+
+
+def test_subclass_decay_rules_are_respected(tmp_path):
+    class NoDecayTrainer(Trainer):
+        def get_decay_parameter_names(self, model):
+            return []
+
+    trainer = train(tmp_path, "galore_adamw", trainer_cls=NoDecayTrainer, max_steps=1, weight_decay=0.3)
+    assert {g["weight_decay"] for g in trainer.optimizer.optimizer.param_groups} == {0.0}
