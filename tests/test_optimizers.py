@@ -12,7 +12,7 @@ from conftest import batches, galore_groups, tiny_mlp, train
 from transformers.optimization import Adafactor
 
 from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
-from hf_galore.core import LEFT_BASIS, RIGHT_BASIS
+from hf_galore.core import LEFT_BASIS, NEXT_REFRESH, REFRESH_INTERVAL, RIGHT_BASIS
 
 STEPS = 60  # > 50 steps, 6 refreshes at update_proj_gap=10
 
@@ -40,8 +40,9 @@ def _max_param_diff(a, b):
 def test_trajectory_matches_reference(ours, reference, kwargs, proj_type):
     data = batches(STEPS)
     model_ours, model_ref = tiny_mlp(), tiny_mlp()
-    losses_ours = train(model_ours, ours(galore_groups(model_ours, proj_type=proj_type), **kwargs), data)
-    losses_ref = train(model_ref, reference(galore_groups(model_ref, proj_type=proj_type), **kwargs), data)
+    exact = {"proj_type": proj_type, "refresh_method": "exact"}  # the reference refresh; galore-torch ignores the key
+    losses_ours = train(model_ours, ours(galore_groups(model_ours, **exact), **kwargs), data)
+    losses_ref = train(model_ref, reference(galore_groups(model_ref, **exact), **kwargs), data)
     assert losses_ours[-1] < losses_ours[0]
     torch.testing.assert_close(losses_ours, losses_ref, atol=1e-5, rtol=1e-5)
     assert _max_param_diff(model_ours, model_ref) < 1e-5
@@ -91,7 +92,7 @@ def _relative_drift(model, reference, start):
     """‖W − W_ref‖ / ‖W_ref − W_0‖ over all parameters: how far a run strays, against how far it went."""
     drift = sum((p - q).square().sum() for p, q in zip(model.parameters(), reference.parameters()))
     travel = sum((q - s).square().sum() for q, s in zip(reference.parameters(), start.parameters()))
-    return float((drift / travel).sqrt())
+    return float((drift / travel).sqrt().detach())
 
 
 def test_8bit_stores_uint8_moments_and_tracks_fp32():
@@ -352,3 +353,85 @@ def test_refresh_clock_overrides_each_tensors_own_count():
     opt.set_refresh_clock(9)
     train(model, opt, batches(1))
     assert opt.pop_refresh_stats().count == 0
+
+
+def _weight_with_fixed_gradient(direction):
+    weight = torch.nn.Parameter(torch.zeros(direction.shape))
+    return weight, lambda: setattr(weight, "grad", direction.clone())
+
+
+def _count_refreshes(opt, set_grad, steps, change=None):
+    counts = []
+    for step in range(steps):
+        if change is not None:
+            change(step)
+        set_grad()
+        opt.step()
+        counts.append(opt.pop_refresh_stats().count)
+    return counts
+
+
+def test_lazy_refresh_lengthens_the_interval_while_the_subspace_stays():
+    torch.manual_seed(0)
+    fixed = torch.randn(24, 4) @ torch.randn(4, 12)  # rank 4: the top-4 subspace never moves
+    weight, set_grad = _weight_with_fixed_gradient(fixed)
+    opt = GaLoreAdamW([{"params": [weight], "rank": 4, "update_proj_gap": 2, "lazy_threshold": 0.9}], lr=1e-3)
+    counts = _count_refreshes(opt, set_grad, 30)
+    refresh_steps = [i for i, c in enumerate(counts) if c]
+    assert refresh_steps == [0, 2, 6, 14]  # intervals 2, 4, 8, then 16 (the cap, 8 × update_proj_gap)
+    assert opt.state[weight][REFRESH_INTERVAL] == 16
+
+
+def test_lazy_refresh_keeps_the_gap_when_the_subspace_moves():
+    weight = torch.nn.Parameter(torch.zeros(24, 12))
+    opt = GaLoreAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 2, "lazy_threshold": 0.9}], lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def new_direction():
+        weight.grad = torch.randn(24, 2, generator=gen) @ torch.randn(2, 12, generator=gen)
+
+    counts = _count_refreshes(opt, new_direction, 12)
+    assert [i for i, c in enumerate(counts) if c] == [0, 2, 4, 6, 8, 10]  # every T: a fresh random subspace
+
+
+def test_stagger_spreads_refreshes_over_the_interval():
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8, bias=False) for _ in range(4)])
+    opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 2, "update_proj_gap": 4, "stagger": True}])
+    per_step = []
+    for _ in range(13):
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        per_step.append(opt.pop_refresh_stats().count)
+    # step 0: every target needs a basis; then offsets 0, 1, 2, 3 spread them one per step
+    assert per_step == [4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert [opt.state[p][NEXT_REFRESH] for p in model.parameters()] == [16, 13, 14, 15]
+
+
+REFRESH_POLICIES = {
+    "exact": {"refresh_method": "exact"},
+    "randomized": {"refresh_method": "randomized", "power_iters": 1, "oversample": 4},
+    "lazy": {"refresh_method": "randomized", "lazy_threshold": 0.3},
+    "staggered": {"refresh_method": "exact", "stagger": True},
+}
+
+
+@pytest.mark.parametrize("policy", REFRESH_POLICIES)
+def test_checkpoint_resumes_identically_under_each_refresh_policy(policy):
+    options = {**REFRESH_POLICIES[policy], "update_proj_gap": 3}
+    data = batches(20)
+    model_full = tiny_mlp()
+    losses_full = train(model_full, GaLoreAdamW(galore_groups(model_full, **options), lr=1e-2), data)
+    model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model, **options), lr=1e-2)
+    losses = train(model, opt, data[:8])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = tiny_mlp(seed=7)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = GaLoreAdamW(galore_groups(resumed, **options), lr=1e-2)
+    resumed_opt.load_state_dict(saved["optimizer"])
+    losses += train(resumed, resumed_opt, data[8:])
+    assert losses == losses_full

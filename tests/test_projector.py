@@ -10,11 +10,12 @@ from hf_galore.projector import (
     compute_bases,
     effective_rank,
     identity_bases,
-    is_refresh_step,
     project,
     project_back,
     projected_shape,
     projection_sides,
+    randomized_svd,
+    stagger_offsets,
     subspace_overlap,
 )
 
@@ -95,8 +96,9 @@ def test_identity_bases_are_orthonormal_coordinate_axes():
     assert left[:3].equal(torch.eye(3))
 
 
-def test_refresh_schedule_matches_reference():
-    assert [s for s in range(12) if is_refresh_step(s, 5)] == [0, 5, 10]
+def test_stagger_offsets_spread_evenly_over_one_interval():
+    assert stagger_offsets(4, 200) == [0, 50, 100, 150]
+    assert stagger_offsets(3, 2) == [0, 0, 1]
 
 
 def test_subspace_overlap_is_one_for_same_span_and_zero_for_orthogonal():
@@ -106,3 +108,34 @@ def test_subspace_overlap_is_one_for_same_span_and_zero_for_orthogonal():
     assert subspace_overlap(q[:, :2], same_span, "left") == pytest.approx(1.0, abs=1e-5)
     assert subspace_overlap(q[:, :2], q[:, 2:], "left") == pytest.approx(0.0, abs=1e-6)
     assert subspace_overlap(q[:, :2].T, q[:, 2:].T, "right") == pytest.approx(0.0, abs=1e-6)
+
+
+def _decaying_matrix(rows, cols, seed=0, decay=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=gen))
+    s = decay ** torch.arange(min(rows, cols), dtype=torch.float32)
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64)], ids=str)
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_randomized_refresh_captures_the_exact_top_r_energy(shape, proj_type):
+    grad = _decaying_matrix(*shape) + 1e-3 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    exact = compute_bases(grad, 16, proj_type, "exact")
+    fast = compute_bases(grad, 16, proj_type, "randomized", oversample=8, power_iters=2, seed=3)
+    for side, basis in zip(("left", "right"), fast):
+        if basis is not None:
+            _assert_orthonormal(basis, side)
+    energy = project(grad, *fast).norm() ** 2
+    assert energy >= 0.99 * project(grad, *exact).norm() ** 2
+    # the same seed gives the same basis (resume), another seed another sketch
+    again = compute_bases(grad, 16, proj_type, "randomized", oversample=8, power_iters=2, seed=3)
+    assert all(a is None or torch.equal(a, b) for a, b in zip(fast, again))
+
+
+def test_randomized_svd_leaves_the_global_rng_alone():
+    matrix = torch.randn(20, 10)
+    state = torch.get_rng_state()
+    randomized_svd(matrix, 4, oversample=2, power_iters=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)

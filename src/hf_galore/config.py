@@ -9,21 +9,38 @@ from typing import Any, Literal, get_args
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
 PROJ_TYPES: tuple[str, ...] = get_args(ProjType)
+RefreshMethod = Literal["exact", "randomized"]
+REFRESH_METHODS: tuple[str, ...] = get_args(RefreshMethod)
 
-# Keys a param group carries to opt in to GaLore. `rank` is the switch; the others default as below.
-GALORE_GROUP_KEYS: tuple[str, ...] = ("rank", "update_proj_gap", "scale", "proj_type")
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_galore_options(rank: Any, update_proj_gap: Any, scale: Any, proj_type: Any) -> None:
+def validate_galore_options(options: Mapping[str, Any]) -> None:
     """Raise a `ValueError` naming the first bad option, its value and what would be accepted."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    rank, gap, scale = options["rank"], options["update_proj_gap"], options["scale"]
+    if not _is_int(rank) or rank <= 0:
         raise ValueError(f"Invalid {rank=}. Must be an int >= 1.")
-    if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
-        raise ValueError(f"Invalid {update_proj_gap=}. Must be an int >= 1 (optimizer steps between refreshes).")
+    if not _is_int(gap) or gap <= 0:
+        raise ValueError(f"Invalid update_proj_gap={gap!r}. Must be an int >= 1 (optimizer steps between refreshes).")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"Invalid {scale=}. Must be a finite number > 0.")
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"Invalid {proj_type=}. Must be one of {', '.join(PROJ_TYPES)}.")
+    if options["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"Invalid proj_type={options['proj_type']!r}. Must be one of {', '.join(PROJ_TYPES)}.")
+    if options["refresh_method"] not in REFRESH_METHODS:
+        method = options["refresh_method"]
+        raise ValueError(f"Invalid refresh_method={method!r}. Must be one of {', '.join(REFRESH_METHODS)}.")
+    for key in ("power_iters", "oversample"):
+        if not _is_int(options[key]) or options[key] < 0:
+            raise ValueError(f"Invalid {key}={options[key]!r}. Must be an int >= 0.")
+    threshold = options["lazy_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"Invalid lazy_threshold={threshold!r}. Must be a number in [0, 1] (0 turns lazy refresh off)."
+        )
+    if not isinstance(options["stagger"], bool):
+        raise ValueError(f"Invalid stagger={options['stagger']!r}. Must be true or false.")
 
 
 @dataclass
@@ -41,9 +58,25 @@ class GaLoreConfig:
             "help": "Which side to project: std (the smaller side, as the paper), reverse_std, left, right, full."
         },
     )
+    refresh_method: RefreshMethod = field(
+        default="exact",
+        metadata={"help": "How a refresh finds the basis: exact (full SVD) or randomized (range finder)."},
+    )
+    power_iters: int = field(default=2, metadata={"help": "Randomized refresh: power iterations (accuracy)."})
+    oversample: int = field(default=8, metadata={"help": "Randomized refresh: extra sketch columns beyond rank."})
+    lazy_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "Lazy refresh: while the new basis overlaps the old by at least this much, double the interval "
+            "(up to 8 x update_proj_gap); 0 turns it off."
+        },
+    )
+    stagger: bool = field(
+        default=False, metadata={"help": "Spread the targets' refreshes over the interval instead of one step."}
+    )
 
     def __post_init__(self) -> None:
-        validate_galore_options(self.rank, self.update_proj_gap, self.scale, self.proj_type)
+        validate_galore_options(asdict(self))
 
     def group_options(self) -> dict[str, Any]:
         """The keys a param group carries to be optimized with GaLore."""
@@ -54,6 +87,10 @@ GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in asdict(GaLoreConfig()).items(
 
 
 def _convert(key: str, text: str, kind: type) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"Invalid optim_args {key}={text!r}. Must be true or false.")
+        return text.lower() in ("true", "1")
     try:
         return kind(text)
     except ValueError:

@@ -23,15 +23,18 @@ from .projector import (
     compute_bases,
     effective_rank,
     identity_bases,
-    is_refresh_step,
     project,
     project_back,
+    stagger_offsets,
     subspace_overlap,
 )
 
 STEP = "step"
 LEFT_BASIS = "left_basis"
 RIGHT_BASIS = "right_basis"
+NEXT_REFRESH = "next_refresh"  # plain int, in the refresh clock's units
+REFRESH_INTERVAL = "refresh_interval"  # plain int: the interval that scheduled NEXT_REFRESH
+LAZY_MAX_FACTOR = 8
 
 
 @dataclass
@@ -175,7 +178,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         for key, default in GROUP_DEFAULTS.items():
             group.setdefault(key, default)
-        validate_galore_options(group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"])
+        validate_galore_options(group)
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
@@ -216,8 +219,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         galore = is_galore_group(group)
         if galore:
             clock = step if self._refresh_clock is None else self._refresh_clock
-            if is_refresh_step(clock, group["update_proj_gap"]) or not (LEFT_BASIS in state or RIGHT_BASIS in state):
-                self._refresh_bases(grad, state, group)
+            if NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH]:
+                self._refresh(param, state, group, clock)
             grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1
         state[STEP] = step
@@ -230,8 +233,30 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         else:
             param.sub_(delta)
 
-    def _refresh_bases(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Recompute the bases from `grad`; keep the old ones (or fall back to coordinate axes) if that fails."""
+    def _refresh(self, param: Tensor, state: dict[str, Any], group: dict[str, Any], clock: int) -> None:
+        """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule).
+
+        The interval is `update_proj_gap`; lazily (`lazy_threshold` > 0) it doubles, up to LAZY_MAX_FACTOR times
+        the gap, while each new basis overlaps the old one by at least the threshold, and falls back to the gap
+        when the subspace moves. With `stagger`, a target's first interval is shortened by its offset.
+        """
+        gap = group["update_proj_gap"]
+        overlap = self._refresh_bases(param.grad, state, group, seed=clock)
+        interval = gap
+        if group["lazy_threshold"] > 0 and overlap is not None and overlap >= group["lazy_threshold"]:
+            interval = min(2 * state.get(REFRESH_INTERVAL, gap), LAZY_MAX_FACTOR * gap)
+        delay = interval
+        if group["stagger"] and NEXT_REFRESH not in state:
+            index = next(i for i, p in enumerate(group["params"]) if p is param)
+            delay = stagger_offsets(len(group["params"]), gap)[index] or gap
+        state[REFRESH_INTERVAL] = interval
+        state[NEXT_REFRESH] = clock + delay
+
+    def _refresh_bases(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> float | None:
+        """Recompute the bases from `grad`; keep the old ones (or fall back to coordinate axes) if that fails.
+
+        Returns how much the new bases overlap the old ones (the smaller side's figure), None without both.
+        """
         old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         has_old = old != (None, None)
         start = time.perf_counter()
@@ -240,7 +265,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             problem = "the gradient has non-finite values"
         else:
             try:
-                bases = compute_bases(grad, group["rank"], group["proj_type"])
+                bases = compute_bases(
+                    grad,
+                    group["rank"],
+                    group["proj_type"],
+                    group["refresh_method"],
+                    oversample=group["oversample"],
+                    power_iters=group["power_iters"],
+                    seed=seed,
+                )
                 if not all(bool(torch.isfinite(b).all()) for b in bases if b is not None):
                     problem = "the SVD returned non-finite values"
             except torch.linalg.LinAlgError as err:
@@ -249,26 +282,26 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             action = "keeping the previous basis" if has_old else "starting from coordinate axes"
             warnings.warn(
                 f"GaLore basis refresh skipped for a weight shaped {tuple(grad.shape)}: {problem}; {action}.",
-                stacklevel=4,
+                stacklevel=5,
             )
             if has_old:
-                return
+                return None
             bases = identity_bases(tuple(grad.shape), group["rank"], group["proj_type"], like=grad)
-        self._record_refresh(old, bases, time.perf_counter() - start)
+        overlaps = [
+            subspace_overlap(old_basis, new_basis, side)
+            for side, old_basis, new_basis in zip(("left", "right"), old, bases)
+            if old_basis is not None and new_basis is not None
+        ]
+        overlaps = [o for o in overlaps if math.isfinite(o)]
+        stats = self._refresh_stats
+        stats.count += 1
+        stats.seconds += time.perf_counter() - start
+        stats.overlap_sum += sum(overlaps)
+        stats.overlap_count += len(overlaps)
         for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
             if basis is not None:
                 state[key] = basis
-
-    def _record_refresh(self, old: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...], seconds: float) -> None:
-        stats = self._refresh_stats
-        stats.count += 1
-        stats.seconds += seconds
-        for side, old_basis, new_basis in zip(("left", "right"), old, new):
-            if old_basis is not None and new_basis is not None:
-                overlap = subspace_overlap(old_basis, new_basis, side)
-                if math.isfinite(overlap):
-                    stats.overlap_sum += overlap
-                    stats.overlap_count += 1
+        return min(overlaps) if overlaps else None
 
     def pop_refresh_stats(self) -> RefreshStats:
         """Refresh figures gathered since the last call (telemetry, not checkpointed state)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import ProjType
+from .config import ProjType, RefreshMethod
 
 
 def projection_sides(shape: tuple[int, ...], proj_type: ProjType) -> tuple[bool, bool]:
@@ -39,14 +39,52 @@ def projected_shape(shape: tuple[int, ...], rank: int, proj_type: ProjType) -> t
     return (r if left else shape[0], r if right else shape[1])
 
 
-def compute_bases(grad: Tensor, rank: int, proj_type: ProjType) -> tuple[Tensor | None, Tensor | None]:
-    """The (left m×r, right r×n) bases from the SVD of `grad`, computed in float32, stored in `grad`'s dtype.
+def randomized_svd(
+    matrix: Tensor, rank: int, *, oversample: int, power_iters: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Approximate top-`rank` singular vectors (U_r, Vh_r) by a randomized range finder (Halko et al., 2011).
 
-    Either entry is None when that side is not projected. Raises `torch.linalg.LinAlgError` when the SVD fails.
+    Sketch the range with `rank + oversample` Gaussian directions, sharpen it with `power_iters` power
+    iterations (re-orthonormalised each time), then take an exact SVD of the small projected matrix. Costs
+    O(m·n·k) instead of the full SVD's O(m·n·min(m, n)); `generator` makes it reproducible (and keeps the
+    global RNG, which drives dropout and data order, untouched).
+    """
+    rows, cols = matrix.shape
+    k = min(rank + oversample, rows, cols)
+    omega = torch.randn(cols, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    sketch = matrix @ omega
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(sketch)
+        sketch = matrix @ (matrix.T @ q)
+    q, _ = torch.linalg.qr(sketch)
+    u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    return q @ u_small[:, :rank], vh[:rank]
+
+
+def compute_bases(
+    grad: Tensor,
+    rank: int,
+    proj_type: ProjType,
+    method: RefreshMethod = "exact",
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The (left m×r, right r×n) bases of `grad`'s top-r singular subspace, computed in float32, stored in
+    `grad`'s dtype. Either entry is None when that side is not projected.
+
+    `method="exact"` takes a full SVD (the reference's behaviour); `"randomized"` uses `randomized_svd` seeded
+    by `seed`. Raises `torch.linalg.LinAlgError` when the SVD fails.
     """
     left, right = projection_sides(tuple(grad.shape), proj_type)
     r = effective_rank(tuple(grad.shape), rank)
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    matrix = grad.float()
+    if method == "exact":
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        generator = torch.Generator(device=matrix.device).manual_seed(seed)
+        u, vh = randomized_svd(matrix, r, oversample=oversample, power_iters=power_iters, generator=generator)
     # Copy out of the SVD's factors: a slice would keep the whole m×min(m, n) factor alive in optimizer state.
     own = {"dtype": grad.dtype, "memory_format": torch.contiguous_format, "copy": True}
     return (u[:, :r].to(**own) if left else None, vh[:r, :].to(**own) if right else None)
@@ -80,9 +118,13 @@ def project_back(low_rank: Tensor, left: Tensor | None, right: Tensor | None) ->
     return low_rank
 
 
-def is_refresh_step(step: int, update_proj_gap: int) -> bool:
-    """Refresh before the 1st, (T+1)th, (2T+1)th … update (`step` counts updates done so far), as the reference."""
-    return step % update_proj_gap == 0
+def stagger_offsets(count: int, update_proj_gap: int) -> list[int]:
+    """First-refresh delays that spread `count` targets evenly over one interval (target i: ⌊i·T/count⌋ steps).
+
+    Every target still gets its basis on its first step; after that target i refreshes at steps offset_i + k·T,
+    so no single step pays for every SVD.
+    """
+    return [(i * update_proj_gap) // count for i in range(count)]
 
 
 def subspace_overlap(old: Tensor, new: Tensor, side: str) -> float:
