@@ -34,3 +34,17 @@ def test_optimizer_state_benchmark_quick(tmp_path, capsys):
         assert "error" in results["galore-torch GaLoreAdamW8bit"]
     else:  # pragma: no cover - GPU machines only
         pytest.skip("reference 8-bit runs on CUDA")
+
+
+def test_refresh_cost_benchmark_quick(tmp_path):
+    output = tmp_path / "refresh.json"
+    report = _load("refresh_cost").main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text()) == report
+    methods = {row["method"] for row in report["matrices"]}
+    assert methods == {"exact", "randomized q=1", "randomized q=2"}
+    for row in report["matrices"]:
+        assert row["seconds"] > 0 and 0.5 < row["energy_vs_exact"] <= 1.0 + 1e-4
+    policies = {row["policy"]: row for row in report["training"]}
+    exact, lazy = policies["exact"], policies["randomized + lazy 0.4"]
+    assert lazy["refreshes"] <= exact["refreshes"]
+    assert all(row["final_loss"] > 0 for row in report["training"])
