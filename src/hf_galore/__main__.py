@@ -1,18 +1,19 @@
 """`python -m hf_galore SCRIPT.py ARGS…` (also under `accelerate launch -m` and `torchrun -m`): run a script with
-hf_galore registered. `python -m hf_galore -m MODULE ARGS…` runs a module; `python -m hf_galore run …` is the CLI.
+hf_galore registered. `python -m hf_galore -m MODULE ARGS…` runs a module; `python -m hf_galore run|estimate …`
+is the CLI.
 """
 
 import sys
 
 from .cli import main, run_script
 
-USAGE = "usage: python -m hf_galore SCRIPT.py [ARGS...] | -m MODULE [ARGS...] | run ..."
+USAGE = "usage: python -m hf_galore SCRIPT.py [ARGS...] | -m MODULE [ARGS...] | run ... | estimate ..."
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(USAGE)
-    if argv[0] == "run":
+    if argv[0] in ("run", "estimate"):
         main(argv)
     elif argv[0] == "-m":
         if len(argv) < 2:

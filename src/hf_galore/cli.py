@@ -7,6 +7,8 @@ import os
 import runpy
 import sys
 
+from .estimate import estimate_command_parser
+
 
 def run_script(target: str, script_args: list[str], *, module: bool = False) -> None:
     """Run a training script (or `-m` module) as `__main__` with hf_galore registered, argv as it expects."""
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-galore", description="GaLore for Hugging Face training scripts.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     run_command_parser(subparsers)
+    estimate_command_parser(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -59,7 +59,7 @@ class GaLoreConfig:
         },
     )
     refresh_method: RefreshMethod = field(
-        default="exact",
+        default="randomized",
         metadata={"help": "How a refresh finds the basis: exact (full SVD) or randomized (range finder)."},
     )
     power_iters: int = field(default=2, metadata={"help": "Randomized refresh: power iterations (accuracy)."})

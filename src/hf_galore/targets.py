@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -270,6 +271,7 @@ def select_targets(
     optimizer_name: str = "GaLore",
     rank: int | None = None,
     form: InnerForm = "adamw",
+    **state_options: Any,
 ) -> list[GaLoreTarget]:
     """Select the weights that get GaLore, in ``model.named_modules()`` order; log the selection once at INFO.
 
@@ -362,7 +364,7 @@ def select_targets(
         for label, names in skipped
         if names is not non_linear
     )
-    table = format_target_table(targets, rank, form)
+    table = format_target_table(targets, rank, form, **state_options)
     logger.info("%s selected %d weight matrices:\n%s%s", optimizer_name, len(targets), table, notes)
     return targets
 
@@ -376,8 +378,10 @@ def _human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def format_target_table(targets: Sequence[GaLoreTarget], rank: int | None = None, form: InnerForm = "adamw") -> str:
-    """A terminal table, one row per (pattern, shape): module count, abridged names, rank and fp32 state bytes.
+def format_target_table(
+    targets: Sequence[GaLoreTarget], rank: int | None = None, form: InnerForm = "adamw", **state_options: Any
+) -> str:
+    """A terminal table, one row per (pattern, shape): module count, abridged names, rank and state bytes.
 
     With ``rank``, the effective rank is ``min(rank, min(shape))`` and the state is what ``expected_state_bytes``
     gives for the inner ``form`` (fp32 AdamW: ``4 * (2*r*max(m, n) + r*min(m, n))`` bytes per matrix, two moments
@@ -398,7 +402,8 @@ def format_target_table(targets: Sequence[GaLoreTarget], rank: int | None = None
     total_entries = 0
     for (pattern, shape, transposed), members in groups.items():
         effective = None if rank is None else min(rank, *shape)
-        state = 0 if effective is None else expected_state_bytes(shape, form=form, rank=rank) * len(members)
+        options = {"form": form, "rank": rank, "dtype": members[0].param.dtype, **state_options}
+        state = 0 if effective is None else expected_state_bytes(shape, **options) * len(members)
         total_state += state
         total_entries += len(members) * shape[0] * shape[1]
         names = _abridge(member.module_name for member in members)

@@ -87,7 +87,9 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
         raise ValueError(f"--optim {name} needs the model to choose its target modules; pass `model` to Trainer.")
     config, extra = parse_optim_args(ctx.optim_args, extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
     ctx.optim_args.clear()
-    targets = select_targets(ctx.model, args.optim_target_modules, optimizer_name=name, rank=config.rank, form=form)
+    targets = select_targets(
+        ctx.model, args.optim_target_modules, optimizer_name=name, rank=config.rank, form=form, **extra
+    )
     kwargs: dict[str, Any] = {**ctx.optimizer_kwargs, "weight_decay": args.weight_decay, **extra}
     if optimizer_cls is GaLoreAdafactor:  # as transformers' own adafactor: a fixed, scheduled lr
         kwargs.update(scale_parameter=False, relative_step=False)

@@ -49,7 +49,7 @@ class AdafactorUpdate:
         return lr
 
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
-        grad = grad.float()
+        dtype, grad = grad.dtype, grad.float()
         factored = grad.dim() >= 2
         if EXP_AVG_SQ_ROW not in state and EXP_AVG_SQ not in state:
             if group["beta1"] is not None:
@@ -75,4 +75,4 @@ class AdafactorUpdate:
         update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
         if group["beta1"] is not None:
             update = state[EXP_AVG].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
-        return update
+        return update.to(dtype)  # the gradient's dtype, as the bases that project it back

@@ -1,0 +1,254 @@
+"""`hf-galore estimate`: its optimizer-state figure equals what the real optimizer allocates; bad input is an error."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments
+
+import hf_galore
+from hf_galore.cli import main
+from hf_galore.estimate import activation_bytes, estimate, parse_memory_size
+from hf_galore.presets import PRESETS, preset_config
+
+TINY = ["--preset", "llama-tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread. Two OpenMP threads on a busy 2-core machine can make a 64x172 SVD take a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *flags):
+    main(["estimate", *flags, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def gpt2_config_dir(tmp_path):
+    """GPT-2: Conv1D weights stored (in, out) and an LM head tied to the embeddings."""
+    config = GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    config.save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+def real_state_bytes(config, optim, optim_args, dtype, tmp_path):
+    """Build the real model and the optimizer the Trainer would build for these flags, step once, measure."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        optim=optim,
+        optim_target_modules="attn,mlp",
+        optim_args=optim_args,
+        use_cpu=True,
+        report_to="none",
+        max_grad_norm=0.0,  # layer-wise forms warn otherwise
+    )
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer = optimizer_cls(model.parameters(), **kwargs)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    return hf_galore.optimizer_state_bytes(optimizer)
+
+
+# id -> (optim, optim_args, dtype); min_8bit_size=256 puts the projected targets on the 8-bit path too
+CASES = {
+    "galore_adamw-fp32": ("galore_adamw", "rank=8", "float32"),
+    "galore_adamw-bf16": ("galore_adamw", "rank=8,proj_type=reverse_std", "bfloat16"),
+    "galore_adamw_8bit-fp32-min256": ("galore_adamw_8bit", "rank=8,min_8bit_size=256", "float32"),
+    "galore_adamw_8bit-bf16": ("galore_adamw_8bit", "rank=8", "bfloat16"),
+    "galore_adamw_8bit_layerwise-bf16-min256": ("galore_adamw_8bit_layerwise", "rank=8,min_8bit_size=256", "bfloat16"),
+    "galore_adafactor-fp32": ("galore_adafactor", "rank=8", "float32"),
+    "galore_adafactor-fp32-full": ("galore_adafactor", "rank=8,proj_type=full", "float32"),
+    "adamw_torch-bf16": ("adamw_torch", None, "bfloat16"),
+    "adamw_torch_fused-fp32": ("adamw_torch_fused", None, "float32"),
+    "adamw_bnb_8bit-bf16": ("adamw_bnb_8bit", None, "bfloat16"),
+    "adafactor-fp32": ("adafactor", None, "float32"),
+}
+CASE_PARAMS = [pytest.param(*case, id=name) for name, case in CASES.items()]
+CASE_PARAMS.append(
+    pytest.param("galore_adafactor", "rank=8", "bfloat16", id="galore_adafactor-bf16")
+)
+
+
+@pytest.mark.parametrize(("optim", "optim_args", "dtype"), CASE_PARAMS)
+def test_state_bytes_equal_the_real_optimizer(capsys, tmp_path, optim, optim_args, dtype):
+    flags = [*TINY, "--optim", optim, "--optim_target_modules", "attn,mlp", "--dtype", dtype]
+    plan = run_cli(capsys, *flags, *(["--optim_args", optim_args] if optim_args else []))
+    real = real_state_bytes(preset_config("llama-tiny"), optim, optim_args, getattr(torch, dtype), tmp_path)
+    assert plan["optimizer_state"] == plan["state_by_optimizer"][optim] == real
+
+
+def test_config_file_gpt2_conv1d_and_tied_head(capsys, tmp_path):
+    folder = gpt2_config_dir(tmp_path)
+    plan = run_cli(
+        capsys,
+        "--config",
+        str(folder / "config.json"),
+        "--optim",
+        "galore_adamw_8bit",
+        "--optim_target_modules",
+        "attn,mlp",
+        "--optim_args",
+        "rank=4,min_8bit_size=64",
+    )
+    real = real_state_bytes(
+        GPT2Config.from_pretrained(folder), "galore_adamw_8bit", "rank=4,min_8bit_size=64", torch.float32, tmp_path
+    )
+    assert plan["optimizer_state"] == real
+    assert plan["optimizer"]["targets"] == 8  # c_attn, c_proj (attention), c_fc, c_proj (mlp) per layer
+    assert (
+        plan["model"]["parameters"]
+        == AutoModelForCausalLM.from_config(GPT2Config.from_pretrained(folder)).num_parameters()
+    )
+    assert run_cli(capsys, "--config", str(folder))["optimizer_state"] > 0  # a folder holding config.json works too
+
+
+def test_galore_repo_style_config_json(capsys, tmp_path):
+    """The GaLore repository's configs (LLaMAForCausalLM architecture name, max_sequence_length) load as they are."""
+    path = tmp_path / "llama_60m.json"
+    galore_style = {
+        "architectures": ["LLaMAForCausalLM"],
+        "max_sequence_length": 1024,
+        "model_type": "llama",
+        "pad_token_id": -1,
+        **{k: v for k, v in PRESETS["llama-60m"].items() if k != "max_position_embeddings"},
+    }
+    path.write_text(json.dumps(galore_style))
+    from_file = run_cli(capsys, "--config", str(path), "--optim", "galore_adamw", "--optim_target_modules", "attn,mlp")
+    from_preset = run_cli(
+        capsys, "--preset", "llama-60m", "--optim", "galore_adamw", "--optim_target_modules", "attn,mlp"
+    )
+    assert from_file["optimizer_state"] == from_preset["optimizer_state"]
+    assert from_file["model"]["parameters"] == from_preset["model"]["parameters"] == 58_073_600  # the paper's 60M
+
+
+def test_json_breakdown_and_table(capsys):
+    flags = [
+        *TINY,
+        "--optim",
+        "galore_adamw_layerwise",
+        "--optim_target_modules",
+        "attn,mlp",
+        "--optim_args",
+        "rank=8",
+    ]
+    plan = run_cli(
+        capsys, *flags, "--dtype", "bf16", "--batch-size", "2", "--seq-len", "32", "--device-memory", "1GiB"
+    )
+    parts = ("weights", "gradients", "optimizer_state", "refresh_workspace", "activations", "overhead")
+    assert plan["total"] == sum(plan[key] for key in parts)
+    assert plan["gradients"] == plan["gradients_layerwise"] == 512 * 64 * 2  # the embedding's (or head's) gradient
+    assert plan["gradients_full"] == plan["model"]["trainable_parameters"] * 2
+    assert plan["fits"] is True and plan["largest_rank"] == 64 and plan["largest_batch_size"] > 2
+    assert set(plan["state_by_optimizer"]) == {
+        *("galore_adamw", "galore_adamw_8bit", "galore_adafactor"),
+        *("adamw_torch", "adamw_bnb_8bit", "galore_adamw_layerwise"),
+    }
+    main(["estimate", *flags, "--device-memory", "1GiB"])
+    table = capsys.readouterr().out
+    for text in (
+        "optimizer state",
+        "activations (estimate)",
+        "fits",
+        "largest rank",
+        "<- --optim galore_adamw_layerwise",
+    ):
+        assert text in table
+
+
+def test_largest_rank_and_batch_are_the_boundaries():
+    common = {"preset": "llama-60m", "optim": "galore_adamw", "optim_target_modules": "attn,mlp", "seq_len": 64}
+    reference = estimate(**common, optim_args="rank=128")
+    device = reference.total  # exactly full at rank 128, batch 1
+    plan = estimate(**common, optim_args="rank=128", device_memory=device)
+    assert plan.fits and plan.largest_rank == 128 and plan.largest_batch_size == 1
+    assert not estimate(**common, optim_args="rank=129", device_memory=device).fits
+    assert estimate(**common, optim_args="rank=128", batch_size=2).total > device
+    assert estimate(**common, optim_args="rank=128", device_memory=device - 1).fits is False
+
+
+def test_activation_estimate_is_the_documented_formula():
+    config = preset_config("llama-7b")
+    s, b, h, a, layers, vocab = 256, 1, 4096, 32, 32, 32000
+    expected = layers * s * b * h * (34 + 5 * a * s // h) + 2 * s * b * h * 2 + s * b * vocab * (2 + 8)
+    assert activation_bytes(config, batch_size=b, seq_len=s, dtype=torch.bfloat16) == expected
+    checkpointed = activation_bytes(config, batch_size=b, seq_len=s, dtype=torch.bfloat16, gradient_checkpointing=True)
+    assert checkpointed < expected / 4
+    assert activation_bytes(config, batch_size=b, seq_len=s, dtype=torch.float32) > expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GB", 24 * 10**9),
+        ("24GiB", 24 * 2**30),
+        ("80G", 80 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1024", 1024),
+        ("1.5 GiB", 3 * 2**29),
+    ],
+)
+def test_memory_sizes(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+BAD_INPUT = {
+    "unknown-preset": (["--preset", "llama-9b"], "Unknown preset 'llama-9b'. Presets: llama-tiny, llama-60m"),
+    "missing-config": (["--config", "/nowhere/config.json"], "no such file '/nowhere/config.json'"),
+    "rank-0": (
+        [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "rank=0"],
+        "Invalid rank=0. Must be an int >= 1.",
+    ),
+    "rank-negative": (
+        [*TINY, "--optim", "galore_adamw_8bit", "--optim_target_modules", "attn", "--optim_args", "rank=-4"],
+        "Invalid rank=-4",
+    ),
+    "bad-dtype": ([*TINY, "--dtype", "int8"], "Invalid dtype='int8'. Must be one of float32, bfloat16, float16"),
+    "unknown-optim": ([*TINY, "--optim", "sgd"], "Invalid optim='sgd'. The planner knows: galore_adamw, "),
+    "no-targets": ([*TINY, "--optim", "galore_adamw"], "GaLore needs target modules"),
+    "no-match": ([*TINY, "--optim", "galore_adamw", "--optim_target_modules", "conv"], "No target modules found"),
+    "unknown-key": (
+        [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "rnak=4"],
+        "Unknown optim_args key(s) 'rnak'",
+    ),
+    "malformed-args": (
+        [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "rank=4,"],
+        "Must be comma-separated key=value pairs",
+    ),
+    "args-without-galore": ([*TINY, "--optim", "adamw_torch", "--optim_args", "rank=4"], "galore_* optimizers only"),
+    "bad-device-memory": ([*TINY, "--device-memory", "24 bananas"], "Invalid memory size '24 bananas'"),
+    "batch-0": ([*TINY, "--batch-size", "0"], "Invalid batch_size=0. Must be an int >= 1."),
+}
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_a_clear_error(flags, message):
+    with pytest.raises(SystemExit) as error:
+        main(["estimate", *flags])
+    assert str(error.value).startswith("hf-galore estimate: error: ")
+    assert message in str(error.value)
+
+
+def test_seven_b_plan_benchmark_quick(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "seven_b_plan", Path(__file__).parent.parent / "benchmarks" / "seven_b_plan.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "plan.json"
+    report = module.main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text()) == report
+    runs = list(report["runs"].values())
+    assert len(runs) == 5 and all(run["plan"]["total"] > 0 for run in runs)
+    layerwise, checkpointed, full_grads, adam8, adamw = (run["plan"] for run in runs)
+    assert layerwise["gradients"] < full_grads["gradients"] and layerwise["optimizer_state"] < adam8["optimizer_state"]
+    assert adam8["optimizer_state"] < adamw["optimizer_state"]
+    assert "paper's claim" in capsys.readouterr().out
