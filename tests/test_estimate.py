@@ -73,9 +73,7 @@ CASES = {
     "adafactor-fp32": ("adafactor", None, "float32"),
 }
 CASE_PARAMS = [pytest.param(*case, id=name) for name, case in CASES.items()]
-CASE_PARAMS.append(
-    pytest.param("galore_adafactor", "rank=8", "bfloat16", id="galore_adafactor-bf16")
-)
+CASE_PARAMS.append(pytest.param("galore_adafactor", "rank=8", "bfloat16", id="galore_adafactor-bf16"))
 
 
 @pytest.mark.parametrize(("optim", "optim_args", "dtype"), CASE_PARAMS)

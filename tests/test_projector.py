@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from hf_galore.config import PROJ_TYPES
 from hf_galore.projector import (
+    add_projected_back_,
     compute_bases,
     effective_rank,
     identity_bases,
@@ -139,3 +140,14 @@ def test_randomized_svd_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     randomized_svd(matrix, 4, oversample=2, power_iters=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_fused_apply_equals_project_back(proj_type):
+    grad = torch.randn(12, 7)
+    left, right = compute_bases(grad, 3, proj_type, "exact")
+    low = project(grad, left, right)
+    param = torch.randn(12, 7)
+    expected = param - 0.5 * project_back(low, left, right)
+    add_projected_back_(param, low, left, right, alpha=-0.5)
+    torch.testing.assert_close(param, expected)

@@ -20,11 +20,11 @@ from torch import Tensor
 from .config import GROUP_DEFAULTS, GaLoreConfig, validate_galore_options
 from .inner import InnerUpdate
 from .projector import (
+    add_projected_back_,
     compute_bases,
     effective_rank,
     identity_bases,
     project,
-    project_back,
     stagger_offsets,
     subspace_overlap,
 )
@@ -229,7 +229,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             param.mul_(1.0 - lr * group["weight_decay"])
         if galore:
-            param.add_(project_back(delta, state.get(LEFT_BASIS), state.get(RIGHT_BASIS)), alpha=-group["scale"])
+            add_projected_back_(param, delta, state.get(LEFT_BASIS), state.get(RIGHT_BASIS), alpha=-group["scale"])
         else:
             param.sub_(delta)
 

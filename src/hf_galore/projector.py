@@ -118,6 +118,18 @@ def project_back(low_rank: Tensor, left: Tensor | None, right: Tensor | None) ->
     return low_rank
 
 
+def add_projected_back_(
+    param: Tensor, low_rank: Tensor, left: Tensor | None, right: Tensor | None, alpha: float
+) -> None:
+    """param += alpha · project_back(low_rank), fused into one addmm so no full-size temporary is allocated."""
+    if left is not None and right is not None:
+        param.addmm_(left @ low_rank, right, alpha=alpha)
+    elif left is not None:
+        param.addmm_(left, low_rank, alpha=alpha)
+    else:
+        param.addmm_(low_rank, right, alpha=alpha)
+
+
 def stagger_offsets(count: int, update_proj_gap: int) -> list[int]:
     """First-refresh delays that spread `count` targets evenly over one interval (target i: ⌊i·T/count⌋ steps).
 
