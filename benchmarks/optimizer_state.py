@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -23,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from common import machine, quiet_library_logs, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, optimizer_state_bytes
@@ -126,7 +125,7 @@ def measure(quick: bool, rank: int, repeats: int) -> dict:
         "rank": rank,
         "targets": "attn,mlp",
         "repeats": repeats,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "date": date.today().isoformat(),
         "results": rows,
     }
@@ -156,14 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (default 7; 2 quick)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "optimizer_state.json")
     args = parser.parse_args(argv)
+    quiet_library_logs()
     rank = args.rank or (8 if args.quick else 128)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = measure(args.quick, rank, args.repeats or (2 if args.quick else 7))
     print(format_table(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return report
 
 

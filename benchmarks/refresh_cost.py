@@ -14,9 +14,6 @@ Prints tables and writes JSON (default benchmarks/results/refresh_cost.json).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import platform
 import statistics
 import time
 import warnings
@@ -24,19 +21,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from common import SAMPLE_TEXT, machine, quiet_library_logs, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdamW, GaLoreConfig, select_targets
 from hf_galore.projector import compute_bases, project
 
-TEXT = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-    "the rightful property of some one or other of their daughters. My dear Mr. Bennet, said his lady to him one "
-    "day, have you heard that Netherfield Park is let at last? Mr. Bennet replied that he had not. But it is, "
-    "returned she; for Mrs. Long has just been here, and she told me all about it."
-)
 METHODS = {
     "exact": {"refresh_method": "exact"},
     "randomized q=1": {"refresh_method": "randomized", "power_iters": 1},
@@ -45,7 +35,7 @@ METHODS = {
 
 
 def byte_tokens(length: int, batch: int = 1) -> torch.Tensor:
-    data = torch.tensor(list(TEXT.encode()), dtype=torch.long)
+    data = torch.tensor(list(SAMPLE_TEXT.encode()), dtype=torch.long)
     reps = -(-length * batch // len(data)) + 1
     return data.repeat(reps)[: length * batch].view(batch, length)
 
@@ -186,21 +176,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small shapes, seconds")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "refresh_cost.json")
     args = parser.parse_args(argv)
-    logging.getLogger("hf_galore").setLevel(logging.WARNING)  # no target tables between the rows
+    quiet_library_logs()
     rank = 8 if args.quick else 128
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = {
             "rank": rank,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "machine": machine(),
             "date": date.today().isoformat(),
             "matrices": matrix_rows(args.quick, rank),
             "training": training_rows(args.quick),
         }
     print(format_tables(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return report
 
 

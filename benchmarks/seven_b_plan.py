@@ -15,11 +15,12 @@ AdamW for contrast. Prints a table and writes JSON (default benchmarks/results/s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
+
+from common import write_report
 
 from hf_galore.estimate import MemoryPlan, estimate, format_plan
 
@@ -97,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_plan(MemoryPlan(**report["runs"][first]["plan"])))
     print()
     print(format_report(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return report
 
 

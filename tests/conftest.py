@@ -1,9 +1,14 @@
 """Shared tiny models and a deterministic training loop for optimizer tests."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+# Benchmark scripts import their shared helpers as `common`, as they do when run from benchmarks/.
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 IN, HIDDEN, OUT = 16, 48, 8  # first weight 48×16 (tall), second 8×48 (wide)
 
