@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -257,14 +256,6 @@ def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA's max allocated memory on a GPU, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (MIB if sys.platform == "darwin" else 1024)
-
-
 def parse(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     defaults = [item for key, value in DEFAULTS.items() for item in (f"--{key}", str(value))]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -337,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "optimizer_state_mb": state_bytes / MIB,
-        "peak_memory_mb": peak_memory_mb(training_args.device),
+        "peak_memory_mb": hf_galore.memory.peak_memory_mb(training_args.device),
         "train_seconds": train_seconds,
         "model_args": asdict(model_args),
     }

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from .core import GaLoreOptimizer
-from .memory import optimizer_state_bytes
+from .core import GaLoreOptimizer, RefreshStats
+from .memory import optimizer_state_bytes, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +22,8 @@ def unwrap_galore(optimizer: Any) -> GaLoreOptimizer | None:
     return inner if isinstance(inner, GaLoreOptimizer) else None
 
 
-def peak_memory_mb(optimizer: torch.optim.Optimizer) -> float:
-    """CUDA's max allocated bytes where the parameters live on CUDA, else the process's peak resident set."""
-    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (MIB if sys.platform == "darwin" else 1024)
+def _device(optimizer: torch.optim.Optimizer) -> torch.device:
+    return next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
 
 
 def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
@@ -41,7 +34,7 @@ def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
         "galore/optimizer_state_mb": held / MIB,
         "galore/adamw_equivalent_mb": adamw / MIB,
         "galore/state_saving_pct": 100.0 * (1.0 - held / adamw) if adamw else 0.0,
-        "galore/peak_memory_mb": peak_memory_mb(optimizer),
+        "galore/peak_memory_mb": peak_memory_mb(_device(optimizer)),
     }
 
 
@@ -58,6 +51,13 @@ class GaLoreCallback(TrainerCallback):
         self.refreshes = 0
         self.refresh_seconds = 0.0
 
+    def _collect_refreshes(self, galore: GaLoreOptimizer) -> RefreshStats:
+        """The refreshes since the last call, also added to the run's totals for the closing summary."""
+        stats = galore.pop_refresh_stats()
+        self.refreshes += stats.count
+        self.refresh_seconds += stats.seconds
+        return stats
+
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         galore = unwrap_galore(optimizer)
         if galore is not None:
@@ -67,9 +67,7 @@ class GaLoreCallback(TrainerCallback):
         galore = unwrap_galore(optimizer)
         if galore is None or logs is None or "loss" not in logs:
             return
-        stats = galore.pop_refresh_stats()
-        self.refreshes += stats.count
-        self.refresh_seconds += stats.seconds
+        stats = self._collect_refreshes(galore)
         figures = {**memory_figures(galore), "galore/refresh_seconds": stats.seconds}
         if stats.mean_overlap is not None:
             figures["galore/subspace_overlap"] = stats.mean_overlap
@@ -84,9 +82,7 @@ class GaLoreCallback(TrainerCallback):
         galore = unwrap_galore(optimizer)
         if galore is None:
             return
-        stats = galore.pop_refresh_stats()
-        self.refreshes += stats.count
-        self.refresh_seconds += stats.seconds
+        self._collect_refreshes(galore)
         figures = memory_figures(galore)
         logger.info(
             "GaLore: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import sys
 from typing import Literal
 
 import torch
@@ -26,6 +28,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 seen.add(value.untyped_storage().data_ptr())
                 total += value.untyped_storage().nbytes()
     return total
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA's max allocated MiB on a CUDA device, else the process's peak resident set (model, data, Python)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def _moment_bytes(shape: tuple[int, ...], form: InnerForm, dtype: torch.dtype, min_8bit_size: int, beta1: bool) -> int:
