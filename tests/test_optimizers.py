@@ -136,6 +136,19 @@ OPTIMIZERS = {
 }
 
 
+def _resume_through_weights_only_checkpoint(model, optimizer, make_optimizer):
+    """Save model + optimizer, load with weights_only=True into a freshly built (differently seeded) pair."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = tiny_mlp(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer = make_optimizer(resumed_model)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    return resumed_model, resumed_optimizer
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("stop_at", [10, 17], ids=["on-refresh", "mid-interval"])
 def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
@@ -147,15 +160,7 @@ def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
     model = tiny_mlp()
     opt = make(galore_groups(model))
     losses = train(model, opt, data[:stop_at])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-
-    resumed_model = tiny_mlp(seed=123)
-    resumed_model.load_state_dict(saved["model"])
-    resumed_opt = make(galore_groups(resumed_model))
-    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_model, resumed_opt = _resume_through_weights_only_checkpoint(model, opt, lambda m: make(galore_groups(m)))
     state = resumed_opt.state[resumed_model[0].weight]
     assert state[RIGHT_BASIS].dtype == torch.float32
     if name == "adamw8bit":
@@ -425,13 +430,7 @@ def test_checkpoint_resumes_identically_under_each_refresh_policy(policy):
     model = tiny_mlp()
     opt = GaLoreAdamW(galore_groups(model, **options), lr=1e-2)
     losses = train(model, opt, data[:8])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = tiny_mlp(seed=7)
-    resumed.load_state_dict(saved["model"])
-    resumed_opt = GaLoreAdamW(galore_groups(resumed, **options), lr=1e-2)
-    resumed_opt.load_state_dict(saved["optimizer"])
+    make = lambda m: GaLoreAdamW(galore_groups(m, **options), lr=1e-2)  # noqa: E731
+    resumed, resumed_opt = _resume_through_weights_only_checkpoint(model, opt, make)
     losses += train(resumed, resumed_opt, data[8:])
     assert losses == losses_full
