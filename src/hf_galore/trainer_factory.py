@@ -86,7 +86,6 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
     if ctx.model is None:
         raise ValueError(f"--optim {name} needs the model to choose its target modules; pass `model` to Trainer.")
     config, extra = parse_optim_args(ctx.optim_args, extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
-    ctx.optim_args.clear()
     targets = select_targets(
         ctx.model, args.optim_target_modules, optimizer_name=name, rank=config.rank, form=form, **extra
     )
