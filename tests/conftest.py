@@ -1,5 +1,6 @@
 """Shared tiny models and a deterministic training loop for optimizer tests."""
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -51,3 +52,29 @@ def _quiet_reference_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         yield
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def galore_log():
+    """Every record the `hf_galore` logger emits during the test, read from a handler of our own.
+
+    Independent of pytest's capture internals (pytest 9.2 attaches its handler differently), and of propagation.
+    """
+    logger = logging.getLogger("hf_galore")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -273,11 +273,9 @@ def test_long_module_listing_is_abridged() -> None:
         select_targets(model, "nothing")
 
 
-def test_selection_is_logged_once_with_the_table(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
-    monkeypatch.setattr(logging.getLogger("hf_galore"), "propagate", True)  # the library logger prints to stderr
-    with caplog.at_level(logging.INFO, logger="hf_galore.targets"):
-        select_targets(_bert(), "dense")
-    records = [r for r in caplog.records if r.levelno == logging.INFO]
+def test_selection_is_logged_once_with_the_table(galore_log) -> None:
+    select_targets(_bert(), "dense")
+    records = [r for r in galore_log if r.levelno == logging.INFO]
     assert len(records) == 1
     assert "bert.encoder.layer.{0..1}.intermediate.dense" in records[0].getMessage()
     assert (
