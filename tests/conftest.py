@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
 # Benchmark scripts import their shared helpers as `common`, as they do when run from benchmarks/.
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -45,6 +47,16 @@ def train(model, optimizer, data) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+ADAFACTOR_FIXED_LR = {"lr": 1e-2, "scale_parameter": False, "relative_step": False, "weight_decay": 0.0}
+
+# The three inner forms on the tiny MLP, each with state small enough to exercise its 8-bit / factored paths.
+OPTIMIZERS = {
+    "adamw": lambda groups, **kw: GaLoreAdamW(groups, lr=1e-2, **kw),
+    "adamw8bit": lambda groups, **kw: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=128, **kw),
+    "adafactor": lambda groups, **kw: GaLoreAdafactor(groups, **{**ADAFACTOR_FIXED_LR, "beta1": 0.9}, **kw),
+}
 
 
 @pytest.fixture(autouse=True)

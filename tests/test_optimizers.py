@@ -3,20 +3,19 @@
 import copy
 import io
 import math
+import pickle
 
 import bitsandbytes as bnb
 import galore_torch
 import pytest
 import torch
-from conftest import batches, galore_groups, tiny_mlp, train
+from conftest import ADAFACTOR_FIXED_LR, OPTIMIZERS, batches, galore_groups, tiny_mlp, train
 from transformers.optimization import Adafactor
 
 from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import LEFT_BASIS, NEXT_REFRESH, REFRESH_INTERVAL, RIGHT_BASIS
 
 STEPS = 60  # > 50 steps, 6 refreshes at update_proj_gap=10
-
-ADAFACTOR_FIXED_LR = {"lr": 1e-2, "scale_parameter": False, "relative_step": False, "weight_decay": 0.0}
 
 
 def _max_param_diff(a, b):
@@ -129,13 +128,6 @@ def test_8bit_form_with_32bit_states_equals_galore_adamw():
     assert _max_param_diff(model_8, model_32) < 1e-5
 
 
-OPTIMIZERS = {
-    "adamw": lambda groups, **kw: GaLoreAdamW(groups, lr=1e-2, **kw),
-    "adamw8bit": lambda groups, **kw: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=128, **kw),
-    "adafactor": lambda groups, **kw: GaLoreAdafactor(groups, **{**ADAFACTOR_FIXED_LR, "beta1": 0.9}, **kw),
-}
-
-
 def _resume_through_weights_only_checkpoint(model, optimizer, make_optimizer):
     """Save model + optimizer, load with weights_only=True into a freshly built (differently seeded) pair."""
     buffer = io.BytesIO()
@@ -171,35 +163,35 @@ def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
         assert torch.equal(p, q)
 
 
-def test_optimizer_pickles_and_deepcopies_with_its_rule():
+@pytest.mark.parametrize("copy_with", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_a_copy_of_model_and_optimizer_continues_exactly_like_the_original(copy_with, layerwise):
     model = tiny_mlp()
-    opt = GaLoreAdamW8bit(galore_groups(model), lr=1e-2)
-    train(model, opt, batches(2))
-    clone = copy.deepcopy(opt)
-    assert clone.inner.min_8bit_size == opt.inner.min_8bit_size
-    assert set(clone.state_dict()["state"]) == set(opt.state_dict()["state"])
+    opt = GaLoreAdamW8bit(galore_groups(model), lr=1e-2, min_8bit_size=128, layerwise=layerwise)
+    train(model, opt, batches(3))
+    if copy_with == "pickle":
+        model_copy, opt_copy = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        model_copy, opt_copy = copy.deepcopy((model, opt))
+    assert opt_copy.inner.min_8bit_size == 128 and not opt_copy.has_hooks  # hooks belong to the original's params
+    if layerwise:
+        opt_copy.register_hooks()
+    train(model, opt, batches(4, seed=9))
+    train(model_copy, opt_copy, batches(4, seed=9))
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        assert torch.equal(p, q)
 
 
-def test_non_finite_gradient_at_refresh_keeps_previous_basis():
-    model = tiny_mlp()
-    opt = GaLoreAdamW(galore_groups(model, update_proj_gap=2), lr=1e-2)
-    train(model, opt, batches(2))  # refresh at step 0; next refresh due at step 2
-    basis = opt.state[model[0].weight][RIGHT_BASIS].clone()
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    model[0].weight.grad[0, 0] = math.nan
-    with pytest.warns(UserWarning, match="non-finite values; keeping the previous basis"):
-        opt.step()
-    assert torch.equal(opt.state[model[0].weight][RIGHT_BASIS], basis)
-
-
-def test_non_finite_gradient_on_first_refresh_gives_orthonormal_fallback():
+def test_svd_failure_on_first_refresh_gives_orthonormal_fallback(monkeypatch):
     model = tiny_mlp()
     opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, math.inf)
-    with pytest.warns(UserWarning, match="starting from coordinate axes"):
-        opt.step()
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    with pytest.warns(UserWarning, match="the SVD failed .*; starting from coordinate axes"):
+        train(model, opt, batches(1))
     basis = opt.state[model[0].weight][RIGHT_BASIS]
     assert torch.isfinite(basis).all()
     torch.testing.assert_close(basis @ basis.T, torch.eye(4))
@@ -434,3 +426,51 @@ def test_checkpoint_resumes_identically_under_each_refresh_policy(policy):
     resumed, resumed_opt = _resume_through_weights_only_checkpoint(model, opt, make)
     losses += train(resumed, resumed_opt, data[8:])
     assert losses == losses_full
+
+
+def test_galore_config_may_be_a_dict_and_bad_ones_are_named():
+    model = tiny_mlp()
+    weights = [model[0].weight, model[2].weight]
+    opt = GaLoreAdamW(model.parameters(), galore_params=weights, galore_config={"rank": 2, "scale": 1.0})
+    assert {(g["rank"], g["scale"]) for g in opt.param_groups if g.get("rank")} == {(2, 1.0)}
+    with pytest.raises(ValueError, match=r"Invalid galore_config key\(s\) 'rnak'. Valid keys: rank, update_proj_gap"):
+        GaLoreAdamW(model.parameters(), galore_params=weights, galore_config={"rnak": 2})
+    with pytest.raises(TypeError, match=r"Invalid galore_config=4: must be a GaLoreConfig, a dict of its fields"):
+        GaLoreAdamW(model.parameters(), galore_params=weights, galore_config=4)
+
+
+@pytest.mark.parametrize("selection", ["empty-list", "consumed-generator"])
+def test_galore_params_that_select_nothing_raise(selection):
+    model = tiny_mlp()
+    params = model.parameters()
+    galore_params = [] if selection == "empty-list" else params  # the generator is consumed as `params` first
+    with pytest.raises(ValueError, match=r"Invalid galore_params: it holds no tensors"):
+        GaLoreAdamW(params if selection == "consumed-generator" else list(params), galore_params=galore_params)
+
+
+def test_should_step_must_be_callable():
+    with pytest.raises(TypeError, match=r"Invalid should_step=True: must be a callable"):
+        GaLoreAdamW(galore_groups(tiny_mlp()), layerwise=True, should_step=True)
+
+
+def test_a_parameter_on_the_meta_device_is_named_at_the_first_step():
+    with torch.device("meta"):
+        model = tiny_mlp()
+    opt = GaLoreAdamW(galore_groups(model), param_names={p: n for n, p in model.named_parameters()})
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    with pytest.raises(RuntimeError, match=r"cannot update 0\.weight: it is on the meta device"):
+        opt.step()
+
+
+def test_an_unknown_verbosity_warns_and_keeps_the_default(monkeypatch):
+    import logging
+
+    from hf_galore.log import configure_library_logger
+
+    logger = logging.getLogger("hf_galore")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setenv("HF_GALORE_VERBOSITY", "loud")
+    with pytest.warns(UserWarning, match=r"Invalid HF_GALORE_VERBOSITY='loud': must be one of debug, info, warning"):
+        configure_library_logger()
+    assert logger.level == logging.INFO and len(logger.handlers) == 1

@@ -16,7 +16,6 @@ from hf_galore.projector import (
     projected_shape,
     projection_sides,
     randomized_svd,
-    stagger_offsets,
     subspace_overlap,
 )
 
@@ -95,11 +94,6 @@ def test_identity_bases_are_orthonormal_coordinate_axes():
     _assert_orthonormal(left, "left")
     _assert_orthonormal(right, "right")
     assert left[:3].equal(torch.eye(3))
-
-
-def test_stagger_offsets_spread_evenly_over_one_interval():
-    assert stagger_offsets(4, 200) == [0, 50, 100, 150]
-    assert stagger_offsets(3, 2) == [0, 0, 1]
 
 
 def test_subspace_overlap_is_one_for_same_span_and_zero_for_orthogonal():

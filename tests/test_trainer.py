@@ -192,17 +192,105 @@ def test_unsupported_combinations_raise(settings, message):
         check_supported(types.SimpleNamespace(**{**args, **settings}), "galore_adamw_layerwise", layerwise=True)
 
 
-def test_registration_is_idempotent_and_serves_every_name():
+# The names transformers' argument parser accepts, and what each must build: the spec, written independently of
+# hf_galore's own table.
+EXPECTED_BUILDS = {
+    "galore_adamw": (GaLoreAdamW, False),
+    "galore_adamw_8bit": (GaLoreAdamW8bit, False),
+    "galore_adafactor": (GaLoreAdafactor, False),
+    "galore_adamw_layerwise": (GaLoreAdamW, True),
+    "galore_adamw_8bit_layerwise": (GaLoreAdamW8bit, True),
+    "galore_adafactor_layerwise": (GaLoreAdafactor, True),
+}
+
+
+@pytest.mark.parametrize("optim", list(EXPECTED_BUILDS))
+def test_registration_is_idempotent_and_transformers_builds_ours_for_every_name(optim):
     hf_galore.register()
     hf_galore.register()
     assert hf_galore.integration.is_registered()
-    from transformers.trainer_optimizer import OptimizerContext
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(make_args("unused", optim), tiny_llama())
+    assert (cls, kwargs["layerwise"]) == EXPECTED_BUILDS[optim]
+    assert "params" not in kwargs and kwargs["galore_config"].rank == 4
+    assert len(kwargs["galore_params"]) == 14 and kwargs["param_names"][kwargs["galore_params"][0]].endswith(
+        "q_proj.weight"
+    )
 
-    args = make_args("unused", "galore_adamw")
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_llama())
-    assert cls is GaLoreAdamW and "params" not in kwargs and kwargs["galore_config"].rank == 4
-    assert OptimizerContext  # the handler signature transformers calls
-    assert {GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor} == {c for c, _, _ in GALORE_OPTIMIZERS.values()}
+
+@pytest.mark.parametrize(
+    "optim_args,message",
+    [
+        ("rank=4,", r"Invalid optim_args entry '' in 'rank=4,' \(a trailing or doubled comma\?\)"),
+        ("rank=4,scale", r"Invalid optim_args entry 'scale' in 'rank=4,scale'"),
+        ("rank=4,rank=8", r"rank is given twice \('4' and '8'\)"),
+    ],
+    ids=["trailing-comma", "no-value", "duplicate"],
+)
+def test_malformed_optim_args_name_the_entry(optim_args, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train(tmp_path, "galore_adamw", max_steps=1, optim_args=optim_args)
+
+
+def test_layerwise_hooks_end_with_training_and_a_second_trainer_trains(tmp_path):
+    first = train(tmp_path / "first", "galore_adamw_layerwise", max_steps=2, max_grad_norm=0.0)
+    model = first.model
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = RandomTokens()[0]
+    model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # no update after training ended
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad()
+    second = Trainer(
+        model=model, args=make_args(tmp_path / "second", "galore_adamw", max_steps=2), train_dataset=RandomTokens()
+    )
+    second.train()
+    assert len(second.optimizer.optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.dim() == 2)
+    first.train()  # training the first Trainer again takes its hooks back
+    assert first.optimizer.optimizer.has_hooks is False  # ... and drops them at the end again
+    assert losses(first)[-1][0] == 2
+
+
+class NaNAtStep3(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+
+def test_non_finite_gradients_are_skipped_and_counted_in_the_logs(tmp_path):
+    with pytest.warns(
+        UserWarning, match=r"skipped the update of model\.embed_tokens\.weight, .* and \d+ more"
+    ) as seen:
+        trainer = train(tmp_path, "galore_adamw", trainer_cls=NaNAtStep3, max_steps=4, max_grad_norm=0.0)
+    assert sum("skipped the update" in str(w.message) for w in seen) == 1  # one warning for the step
+    counts = [e["galore/skipped_updates"] for e in trainer.state.log_history if "loss" in e]
+    trainable = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    assert counts == [0, 0, trainable, 0]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_with_a_new_rank_raises_before_training_and_a_new_scale_is_taken(tmp_path, galore_log):
+    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "max_grad_norm": 0.0}
+    train(tmp_path, "galore_adamw", **common)
+    checkpoint = str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"Cannot resume with rank=8: the checkpoint was saved with rank=4"):
+        train(tmp_path, "galore_adamw", resume=checkpoint, **{**common, "optim_args": "rank=8,update_proj_gap=4"})
+    with pytest.raises(ValueError, match=r"different --optim"):
+        train(tmp_path, "galore_adafactor", resume=checkpoint, **common)
+    resumed = train(tmp_path, "galore_adamw", resume=checkpoint, **{**common, "optim_args": "rank=4,scale=2"})
+    assert {g["scale"] for g in resumed.optimizer.optimizer.param_groups if g.get("rank")} == {2.0}
+    assert any("scale 0.5 -> 2.0" in r.getMessage() for r in galore_log)
+
+
+def test_a_truncated_optimizer_checkpoint_is_named(tmp_path):
+    common = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "max_grad_norm": 0.0}
+    train(tmp_path, "galore_adamw", **common)
+    path = tmp_path / "checkpoint-2" / "optimizer.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        RuntimeError, match=r"optimizer\.pt is truncated \([\d,]+ bytes, its zip directory is missing\)"
+    ):
+        train(tmp_path, "galore_adamw", resume=str(tmp_path / "checkpoint-2"), **common)
 
 
 def test_peft_wrapped_model_trains_unfrozen_weights_and_never_the_adapters(tmp_path):

@@ -44,12 +44,13 @@ class GaLoreCallback(TrainerCallback):
     The plugin inserts it first in the Trainer's callback list, so the figures reach the console, `log_history`
     and every `report_to` integration; added by hand (`trainer.add_callback`) it still fills `log_history`.
     With a layer-wise optimizer it replaces the logged `grad_norm` (0: the hooks consumed the gradients) with the
-    real norm.
+    real norm, registers the hooks when training begins and removes them when it ends.
     """
 
     def __init__(self) -> None:
         self.refreshes = 0
         self.refresh_seconds = 0.0
+        self.skipped_updates = 0
 
     def _collect_refreshes(self, galore: GaLoreOptimizer) -> RefreshStats:
         """The refreshes since the last call, also added to the run's totals for the closing summary."""
@@ -57,6 +58,11 @@ class GaLoreCallback(TrainerCallback):
         self.refreshes += stats.count
         self.refresh_seconds += stats.seconds
         return stats
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        galore = unwrap_galore(optimizer)
+        if galore is not None and galore.layerwise:
+            galore.register_hooks()  # again, when train() runs a second time with the same optimizer
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         galore = unwrap_galore(optimizer)
@@ -68,7 +74,13 @@ class GaLoreCallback(TrainerCallback):
         if galore is None or logs is None or "loss" not in logs:
             return
         stats = self._collect_refreshes(galore)
-        figures = {**memory_figures(galore), "galore/refresh_seconds": stats.seconds}
+        skipped = len(galore.pop_skipped_updates())
+        self.skipped_updates += skipped
+        figures = {
+            **memory_figures(galore),
+            "galore/refresh_seconds": stats.seconds,
+            "galore/skipped_updates": skipped,
+        }
         if stats.mean_overlap is not None:
             figures["galore/subspace_overlap"] = stats.mean_overlap
         if galore.layerwise and "grad_norm" in logs and galore.last_grad_norm is not None:
@@ -82,16 +94,19 @@ class GaLoreCallback(TrainerCallback):
         galore = unwrap_galore(optimizer)
         if galore is None:
             return
+        galore.remove_hooks()  # later backward passes (evaluation, another Trainer) must not update the weights
         self._collect_refreshes(galore)
+        self.skipped_updates += len(galore.pop_skipped_updates())
         figures = memory_figures(galore)
         logger.info(
             "GaLore: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "
-            "peak memory %.0f MiB.",
+            "%d parameter updates skipped for non-finite gradients; peak memory %.0f MiB.",
             figures["galore/optimizer_state_mb"],
             figures["galore/adamw_equivalent_mb"],
             figures["galore/state_saving_pct"],
             self.refreshes,
             self.refresh_seconds,
+            self.skipped_updates,
             figures["galore/peak_memory_mb"],
         )
 

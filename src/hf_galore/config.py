@@ -98,6 +98,31 @@ def _convert(key: str, text: str, kind: type) -> Any:
         raise ValueError(f"Invalid optim_args {key}={text!r}. Must be {expected}.") from None
 
 
+def split_optim_args(text: str | None) -> dict[str, str]:
+    """Split `--optim_args` ("key=value,key=value") as transformers does, but say which entry is malformed.
+
+    transformers' own parser crashes on an entry without "=" (`"rank=4,"`: a trailing comma) with a bare unpacking
+    error, and silently keeps the last of two values for one key; both raise a `ValueError` naming the entry here.
+    """
+    if not text:
+        return {}
+    pairs: dict[str, str] = {}
+    for entry in text.replace(" ", "").split(","):
+        key, sep, value = entry.partition("=")
+        if not sep or not key or "=" in value:
+            hint = " (a trailing or doubled comma?)" if not entry else ""
+            raise ValueError(
+                f"Invalid optim_args entry {entry!r} in {text!r}{hint}: each entry must be key=value, "
+                'comma-separated, e.g. "rank=128,update_proj_gap=200,scale=0.25".'
+            )
+        if key in pairs:
+            raise ValueError(
+                f"Invalid optim_args {text!r}: {key} is given twice ({pairs[key]!r} and {value!r}). Give it once."
+            )
+        pairs[key] = value
+    return pairs
+
+
 def parse_optim_args(
     optim_args: Mapping[str, str], *, extra: Mapping[str, Any] | None = None
 ) -> tuple[GaLoreConfig, dict[str, Any]]:

@@ -7,34 +7,48 @@ Optimizer state holds tensors and plain values only, so `torch.load(weights_only
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .config import GROUP_DEFAULTS, GaLoreConfig, validate_galore_options
 from .inner import InnerUpdate
+from .log import warn_at_caller
 from .projector import (
     add_projected_back_,
     compute_bases,
     effective_rank,
     identity_bases,
     project,
-    stagger_offsets,
+    projected_shape,
+    projection_sides,
     subspace_overlap,
 )
+from .schedule import schedule_after_refresh, stagger_offsets
+
+logger = logging.getLogger(__name__)
 
 STEP = "step"
 LEFT_BASIS = "left_basis"
 RIGHT_BASIS = "right_basis"
 NEXT_REFRESH = "next_refresh"  # plain int, in the refresh clock's units
 REFRESH_INTERVAL = "refresh_interval"  # plain int: the interval that scheduled NEXT_REFRESH
-LAZY_MAX_FACTOR = 8
+SCHEDULE_KEYS = (STEP, NEXT_REFRESH, REFRESH_INTERVAL)  # plain counters, not part of the state's layout
+# On resume the checkpoint provides these group keys (the LR scheduler's); the settings given now provide the rest.
+CHECKPOINT_GROUP_KEYS = ("lr", "initial_lr")
+# Group keys that fix the layout of the saved state: they cannot change on resume without starting afresh.
+LAYOUT_KEYS = ("rank", "proj_type")
+
+# parameter -> the optimizer whose layer-wise hook is registered on it (held weakly on both sides)
+_HOOK_OWNERS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 @dataclass
@@ -66,6 +80,12 @@ def split_galore_groups(
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     chosen = {id(p) for p in galore_params}
+    if not chosen:
+        raise ValueError(
+            "Invalid galore_params: it holds no tensors (an empty list, or a generator already consumed, e.g. the "
+            "same `model.parameters()` generator passed as `params` too). Pass a list of the 2-D weights to project, "
+            "or leave galore_params out for plain groups."
+        )
     found: set[int] = set()
     split: list[dict[str, Any]] = []
     for group in groups:
@@ -85,6 +105,12 @@ def split_galore_groups(
     return split
 
 
+def _hook_owner(param: Tensor) -> GaLoreOptimizer | None:
+    """The live optimizer whose layer-wise hook is registered on `param`, if any."""
+    owner = _HOOK_OWNERS.get(param)
+    return owner() if owner is not None else None
+
+
 def accelerate_sync_gradients() -> bool:
     """True on the micro-batch whose backward completes the accumulated gradient (always, without accumulation).
 
@@ -101,7 +127,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     `galore_params` + `galore_config` give GaLore to those tensors whatever groups `params` holds (otherwise,
     groups opt in with a `rank` key). `layerwise=True` updates each parameter from its post-accumulate-grad
     hook as soon as its gradient is complete, on the micro-batch `should_step()` approves (the accumulation
-    boundary), and frees the gradient, so at most one full gradient is alive at a time.
+    boundary), and frees the gradient, so at most one full gradient is alive at a time; `remove_hooks()` ends
+    that (the Trainer integration does it when training ends). `param_names` (tensor -> name) lets warnings and
+    errors name the parameter.
+
+    A parameter whose gradient holds NaN or inf is not updated at all (weights, moments, step count and refresh
+    schedule untouched); one warning names it and `pop_skipped_updates()` reports it.
     """
 
     def __init__(
@@ -111,27 +142,39 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         *,
         inner: InnerUpdate,
         galore_params: Iterable[Tensor] | None = None,
-        galore_config: GaLoreConfig | None = None,
+        galore_config: GaLoreConfig | Mapping[str, Any] | None = None,
         layerwise: bool = False,
         should_step: Callable[[], bool] = accelerate_sync_gradients,
+        param_names: Mapping[Tensor, str] | None = None,
     ) -> None:
+        if not callable(should_step):
+            raise TypeError(
+                f"Invalid should_step={should_step!r}: must be a callable returning True on the micro-batch that "
+                "completes the accumulated gradient (default: accelerate's GradientState().sync_gradients)."
+            )
         self.inner = inner
         self._refresh_stats = RefreshStats()
+        self._skipped: list[str] = []  # since the last pop_skipped_updates()
+        self._skipped_this_step: list[str] = []  # for the step's one warning
         self._refresh_clock: int | None = None
         self.layerwise = layerwise
+        self._should_step = should_step
+        self._layerwise_hooks: list[Any] = []
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
+        self._names = {id(p): name for p, name in (param_names or {}).items()}
         if galore_params is not None:
-            params = split_galore_groups(params, galore_params, galore_config or GaLoreConfig())
+            params = split_galore_groups(params, galore_params, as_galore_config(galore_config))
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         super().__init__(params, defaults)
+        self._release_from_earlier_hooks()
         if layerwise:
-            self._register_layerwise_hooks(should_step)
+            self.register_hooks()
 
     def __getstate__(self) -> dict[str, Any]:
         # Hook handles belong to the original parameters; a copy (deepcopy, pickle) starts without hooks.
-        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k != "_layerwise_hooks"}}
+        return {**super().__getstate__(), **self.__dict__, "_layerwise_hooks": []}
 
     def set_refresh_clock(self, step: int | None) -> None:
         """Schedule refreshes by this step count (the Trainer's global step) instead of each tensor's own count.
@@ -141,22 +184,82 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """
         self._refresh_clock = step
 
-    def _register_layerwise_hooks(self, should_step: Callable[[], bool]) -> None:
+    def param_name(self, param: Tensor) -> str:
+        """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
+        if id(param) in self._names:
+            return self._names[id(param)]
+        for group in self.param_groups:
+            for index, member in enumerate(group["params"]):
+                if member is param and "param_names" in group:
+                    return group["param_names"][index]
+        return f"a parameter shaped {tuple(param.shape)}"
+
+    # ---- layer-wise hooks -------------------------------------------------------------------------------------
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._layerwise_hooks)
+
+    def register_hooks(self) -> None:
+        """Update each parameter from its post-accumulate-grad hook (layer-wise form); calling it again does nothing.
+
+        The hooks hold the optimizer weakly: once it is garbage, they do nothing and gradients accumulate as usual.
+        """
+        if not self.layerwise:
+            raise RuntimeError("register_hooks() is for layer-wise optimizers (layerwise=True).")
+        if self._layerwise_hooks:
+            return
+        self._release_from_earlier_hooks()
         # Group by index, looked up when the hook runs: load_state_dict (accelerate's prepare does one) replaces
         # the group dicts, and the LR scheduler writes the new ones.
         group_index = {param: i for i, group in enumerate(self.param_groups) for param in group["params"]}
+        owner = weakref.ref(self)
 
         def update_now(param: Tensor) -> None:
-            if param.grad is None or not should_step():
-                return
-            with torch.no_grad():
-                self._layerwise_sq_norm = self._layerwise_sq_norm + param.grad.float().square().sum()
-                self._update_parameter(param, self.param_groups[group_index[param]])
-            param.grad = None
+            optimizer = owner()
+            if optimizer is not None:
+                optimizer._layerwise_update(param, group_index[param])
 
-        self._layerwise_hooks = [
-            param.register_post_accumulate_grad_hook(update_now) for param in group_index if param.requires_grad
-        ]
+        for param in group_index:
+            if param.requires_grad:
+                self._layerwise_hooks.append(param.register_post_accumulate_grad_hook(update_now))
+                _HOOK_OWNERS[param] = owner
+
+    def remove_hooks(self) -> None:
+        """Stop updating from backward hooks: later `backward()` calls leave `.grad` alone, as without GaLore."""
+        for handle in self._layerwise_hooks:
+            handle.remove()
+        self._layerwise_hooks = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if _hook_owner(param) is self:
+                    del _HOOK_OWNERS[param]
+
+    def _release_from_earlier_hooks(self) -> None:
+        """Take our parameters back from another optimizer's layer-wise hooks (a run that never reached its end).
+
+        Left in place, those hooks would update the weights and delete every gradient before this optimizer sees
+        it.
+        """
+        owners = (_hook_owner(param) for group in self.param_groups for param in group["params"])
+        earlier = {id(owner): owner for owner in owners if owner is not None and owner is not self}
+        for other in earlier.values():
+            other.remove_hooks()
+            warn_at_caller(
+                "Removed the layer-wise hooks an earlier GaLore optimizer left on these parameters (its training "
+                "did not reach its end, e.g. it was interrupted); they would have consumed this optimizer's "
+                "gradients. Call `optimizer.remove_hooks()` when you abandon a layer-wise optimizer."
+            )
+
+    def _layerwise_update(self, param: Tensor, group_index: int) -> None:
+        if param.grad is None or not self._should_step():
+            return
+        with torch.no_grad():
+            self._layerwise_sq_norm = self._layerwise_sq_norm + param.grad.float().square().sum()
+            self._update_parameter(param, self.param_groups[group_index])
+        param.grad = None
+
+    # ---- groups -----------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -182,18 +285,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
-                    f"Invalid GaLore parameter of shape {tuple(param.shape)}: `rank` applies to 2-D weights only; "
-                    "put 1-D and N-D parameters in a group without `rank`."
+                    f"Invalid GaLore parameter {self.param_name(param)} of shape {tuple(param.shape)}: `rank` applies "
+                    "to 2-D weights only; put 1-D and N-D parameters in a group without `rank`."
                 )
         clipped = sorted(
             {tuple(p.shape) for p in group["params"] if effective_rank(tuple(p.shape), group["rank"]) < group["rank"]}
         )
         if clipped:
-            warnings.warn(
+            warn_at_caller(
                 f"GaLore rank={group['rank']} exceeds min(m, n) of weights shaped {clipped}; "
-                "their rank is clipped to min(m, n).",
-                stacklevel=3,
+                "their rank is clipped to min(m, n)."
             )
+
+    # ---- the step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -208,12 +312,21 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is not None:
                     self._update_parameter(param, group)
+        self._warn_skipped()
         return loss
 
     def _update_parameter(self, param: Tensor, group: dict[str, Any]) -> None:
         grad = param.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        if param.is_meta:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot update {self.param_name(param)}: it is on the meta device (no data). "
+                "Materialize the model (load its weights, or `to_empty()` and initialise) before training."
+            )
+        if not bool(torch.isfinite(grad).all()):
+            self._skip(param)
+            return
         state = self.state[param]
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
@@ -233,74 +346,94 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         else:
             param.sub_(delta)
 
-    def _refresh(self, param: Tensor, state: dict[str, Any], group: dict[str, Any], clock: int) -> None:
-        """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule).
+    def _skip(self, param: Tensor) -> None:
+        self._skipped.append(self.param_name(param))
+        self._skipped_this_step.append(self._skipped[-1])
 
-        The interval is `update_proj_gap`; lazily (`lazy_threshold` > 0) it doubles, up to LAZY_MAX_FACTOR times
-        the gap, while each new basis overlaps the old one by at least the threshold, and falls back to the gap
-        when the subspace moves. With `stagger`, a target's first interval is shortened by its offset.
-        """
-        gap = group["update_proj_gap"]
-        overlap = self._refresh_bases(param.grad, state, group, seed=clock)
-        interval = gap
-        if group["lazy_threshold"] > 0 and overlap is not None and overlap >= group["lazy_threshold"]:
-            interval = min(2 * state.get(REFRESH_INTERVAL, gap), LAZY_MAX_FACTOR * gap)
-        delay = interval
+    def _warn_skipped(self) -> None:
+        """One warning per step for every parameter skipped in it (layer-wise: in the backward before it)."""
+        names, self._skipped_this_step = self._skipped_this_step, []
+        if not names:
+            return
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warn_at_caller(
+            f"GaLore skipped the update of {listed}: the gradient has NaN or inf values. Weights, moments, step count "
+            "and refresh schedule of each are unchanged (logged as galore/skipped_updates)."
+        )
+
+    def pop_skipped_updates(self) -> list[str]:
+        """Names of the parameters whose update was skipped (non-finite gradient) since the last call."""
+        skipped, self._skipped = self._skipped, []
+        return skipped
+
+    # ---- basis refresh ----------------------------------------------------------------------------------------
+
+    def _refresh(self, param: Tensor, state: dict[str, Any], group: dict[str, Any], clock: int) -> None:
+        """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule)."""
+        start = time.perf_counter()
+        bases, problem = self._new_bases(param.grad, group, seed=clock)
+        old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+        if problem is not None:
+            action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
+            warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
+            if old == (None, None):
+                bases = identity_bases(tuple(param.shape), group["rank"], group["proj_type"], like=param.grad)
+        overlap = self._record_refresh(old, bases, time.perf_counter() - start)
+        for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
+            if basis is not None:
+                state[key] = basis
+        offset = None
         if group["stagger"] and NEXT_REFRESH not in state:
             index = next(i for i, p in enumerate(group["params"]) if p is param)
-            delay = stagger_offsets(len(group["params"]), gap)[index] or gap
+            offset = stagger_offsets(len(group["params"]), group["update_proj_gap"])[index]
+        interval, state[NEXT_REFRESH] = schedule_after_refresh(
+            clock,
+            update_proj_gap=group["update_proj_gap"],
+            previous_interval=state.get(REFRESH_INTERVAL),
+            overlap=overlap,
+            lazy_threshold=group["lazy_threshold"],
+            stagger_offset=offset,
+        )
         state[REFRESH_INTERVAL] = interval
-        state[NEXT_REFRESH] = clock + delay
 
-    def _refresh_bases(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> float | None:
-        """Recompute the bases from `grad`; keep the old ones (or fall back to coordinate axes) if that fails.
+    def _new_bases(
+        self, grad: Tensor, group: dict[str, Any], seed: int
+    ) -> tuple[tuple[Tensor | None, Tensor | None], str | None]:
+        """The bases of `grad`'s top-r subspace, or (None, None) and what went wrong (the SVD failed or is not finite).
 
-        Returns how much the new bases overlap the old ones (the smaller side's figure), None without both.
+        The gradient itself is finite here: non-finite gradients are skipped before any refresh.
         """
-        old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
-        has_old = old != (None, None)
-        start = time.perf_counter()
-        problem = None
-        if not bool(torch.isfinite(grad).all()):
-            problem = "the gradient has non-finite values"
-        else:
-            try:
-                bases = compute_bases(
-                    grad,
-                    group["rank"],
-                    group["proj_type"],
-                    group["refresh_method"],
-                    oversample=group["oversample"],
-                    power_iters=group["power_iters"],
-                    seed=seed,
-                )
-                if not all(bool(torch.isfinite(b).all()) for b in bases if b is not None):
-                    problem = "the SVD returned non-finite values"
-            except torch.linalg.LinAlgError as err:
-                problem = f"the SVD failed ({err})"
-        if problem is not None:
-            action = "keeping the previous basis" if has_old else "starting from coordinate axes"
-            warnings.warn(
-                f"GaLore basis refresh skipped for a weight shaped {tuple(grad.shape)}: {problem}; {action}.",
-                stacklevel=5,
+        try:
+            bases = compute_bases(
+                grad,
+                group["rank"],
+                group["proj_type"],
+                group["refresh_method"],
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                seed=seed,
             )
-            if has_old:
-                return None
-            bases = identity_bases(tuple(grad.shape), group["rank"], group["proj_type"], like=grad)
+        except torch.linalg.LinAlgError as err:
+            return (None, None), f"the SVD failed ({err})"
+        if not all(bool(torch.isfinite(b).all()) for b in bases if b is not None):
+            return (None, None), "the SVD returned non-finite values"
+        return bases, None
+
+    def _record_refresh(
+        self, old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None], seconds: float
+    ) -> float | None:
+        """Add one refresh to the stats; return how much the new bases overlap the old ones (smallest side)."""
         overlaps = [
             subspace_overlap(old_basis, new_basis, side)
-            for side, old_basis, new_basis in zip(("left", "right"), old, bases)
+            for side, old_basis, new_basis in zip(("left", "right"), old, new)
             if old_basis is not None and new_basis is not None
         ]
         overlaps = [o for o in overlaps if math.isfinite(o)]
         stats = self._refresh_stats
         stats.count += 1
-        stats.seconds += time.perf_counter() - start
+        stats.seconds += seconds
         stats.overlap_sum += sum(overlaps)
         stats.overlap_count += len(overlaps)
-        for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
-            if basis is not None:
-                state[key] = basis
         return min(overlaps) if overlaps else None
 
     def pop_refresh_stats(self) -> RefreshStats:
@@ -308,9 +441,21 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         stats, self._refresh_stats = self._refresh_stats, RefreshStats()
         return stats
 
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, keeping every saved tensor's dtype (torch would cast 8-bit moments to the parameter's dtype)."""
+        """Resume from a checkpoint: its state, learning rate and schedule; the settings given now for the rest.
+
+        Settings that do not change the state's layout (`update_proj_gap`, `scale`, refresh options, weight decay,
+        betas, eps, …) take the value given now, and each change is logged. What fixes the layout (`rank`,
+        `proj_type`, the inner form, 8-bit or not, GaLore or not) must match the checkpoint: a mismatch raises
+        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf. Saved
+        dtypes are kept (torch would cast 8-bit moments to the parameter's dtype).
+        """
+        self._check_resumable(state_dict)
+        given_now = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        self._apply_settings_given_now(given_now)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for param_id, param in zip(saved_ids, params):
@@ -318,3 +463,118 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 loaded = self.state[param].get(key)
                 if isinstance(saved, Tensor) and isinstance(loaded, Tensor) and loaded.dtype != saved.dtype:
                     self.state[param][key] = saved.to(device=param.device)
+
+    def _check_resumable(self, state_dict: dict[str, Any]) -> None:
+        fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Cannot resume: the checkpoint's optimizer has {len(saved_groups)} param groups, this one has "
+                f"{len(self.param_groups)}. The target selection (optim_target_modules), the trainable parameters "
+                f"or the weight-decay split changed since it was saved. Resume with the same settings, {fresh}."
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Cannot resume: {where} held {len(saved['params'])} tensors in the checkpoint. The target "
+                    f"selection or the trainable parameters changed since it was saved. Resume with the same "
+                    f"settings, {fresh}."
+                )
+            if is_galore_group(saved) != is_galore_group(group):
+                was, now = ("GaLore", "a plain group") if is_galore_group(saved) else ("a plain group", "GaLore")
+                raise ValueError(
+                    f"Cannot resume: {where} is {now} now but was {was} in the checkpoint (saved by a different "
+                    f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
+                )
+            for key in LAYOUT_KEYS if is_galore_group(group) else ():
+                if saved[key] != group[key]:
+                    raise ValueError(
+                        f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
+                        f"{key}={saved[key]!r} ({where}), and its moments and bases have that shape. Resume with "
+                        f"{key}={saved[key]!r}, {fresh}."
+                    )
+            for param_id, param in zip(saved["params"], group["params"]):
+                self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
+
+    def _check_saved_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], fresh: str) -> None:
+        """The saved state must have the keys, shapes and kinds (8-bit or float) this optimizer would create."""
+        if not saved:
+            return
+        expected = self.state_layout(param, group)
+        found = {k: v for k, v in saved.items() if k not in SCHEDULE_KEYS}
+
+        def describe(entries: dict[str, Any]) -> str:  # the moments: the bases' shapes follow from rank/proj_type
+            return ", ".join(
+                f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                for k, v in entries.items()
+                if k not in (LEFT_BASIS, RIGHT_BASIS) and isinstance(v, Tensor)
+            )
+
+        same = found.keys() == expected.keys() and all(
+            isinstance(v, Tensor)
+            and tuple(v.shape) == tuple(expected[k].shape)
+            and (v.dtype == torch.uint8) == (expected[k].dtype == torch.uint8)
+            for k, v in found.items()
+        )
+        if not same:
+            raise ValueError(
+                f"Cannot resume {self.param_name(param)}: the checkpoint holds {describe(found) or 'no moments'}, "
+                f"while {type(self).__name__} with these settings keeps {describe(expected)}. It was saved with a "
+                f"different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), min_8bit_size or "
+                f"beta1. Resume with the checkpoint's settings, {fresh}."
+            )
+        for key, value in found.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"Cannot resume {self.param_name(param)}: the checkpoint's {key} holds NaN or inf values (a "
+                    "corrupt checkpoint, not a gradient problem of this run). Resume from an earlier checkpoint."
+                )
+
+    def state_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only)."""
+        shape = tuple(param.shape)
+        if is_galore_group(group):
+            shape = projected_shape(shape, group["rank"], group["proj_type"])
+        layout: dict[str, Tensor] = {}
+        self.inner.init_state(torch.empty(shape, dtype=param.dtype, device="meta"), layout, group)
+        if is_galore_group(group):
+            left, right = projection_sides(tuple(param.shape), group["proj_type"])
+            r = effective_rank(tuple(param.shape), group["rank"])
+            if left:
+                layout[LEFT_BASIS] = torch.empty(param.shape[0], r, dtype=param.dtype, device="meta")
+            if right:
+                layout[RIGHT_BASIS] = torch.empty(r, param.shape[1], dtype=param.dtype, device="meta")
+        return layout
+
+    def _apply_settings_given_now(self, given_now: list[dict[str, Any]]) -> None:
+        for index, (group, now) in enumerate(zip(self.param_groups, given_now)):
+            kept = {key: group[key] for key in CHECKPOINT_GROUP_KEYS if key in group}
+            ignored = ("params", "param_names", *CHECKPOINT_GROUP_KEYS)
+            changes = [
+                f"{key} {group[key]!r} -> {value!r}"
+                for key, value in now.items()
+                if key not in ignored and key in group and group[key] != value
+            ]
+            group.clear()
+            group.update(now)
+            group.update(kept)
+            if changes:
+                logger.info("Resumed param group %d with the settings given now: %s.", index, ", ".join(changes))
+
+
+def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:
+    """A `GaLoreConfig`: the one given, one built from a dict of its fields, or the default."""
+    if config is None:
+        return GaLoreConfig()
+    if isinstance(config, GaLoreConfig):
+        return config
+    if isinstance(config, Mapping):
+        valid = GaLoreConfig.__dataclass_fields__
+        unknown = sorted(set(config) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"Invalid galore_config key(s) {', '.join(map(repr, unknown))}. Valid keys: {', '.join(valid)}."
+            )
+        return GaLoreConfig(**config)
+    raise TypeError(f"Invalid galore_config={config!r}: must be a GaLoreConfig, a dict of its fields, or None.")

@@ -130,15 +130,6 @@ def add_projected_back_(
         param.addmm_(low_rank, right, alpha=alpha)
 
 
-def stagger_offsets(count: int, update_proj_gap: int) -> list[int]:
-    """First-refresh delays that spread `count` targets evenly over one interval (target i: ⌊i·T/count⌋ steps).
-
-    Every target still gets its basis on its first step; after that target i refreshes at steps offset_i + k·T,
-    so no single step pays for every SVD.
-    """
-    return [(i * update_proj_gap) // count for i in range(count)]
-
-
 def subspace_overlap(old: Tensor, new: Tensor, side: str) -> float:
     """How much of the new basis the old one spans: ‖old_basisᵀ new_basis‖²_F / r, in [0, 1]."""
     product = old.float().T @ new.float() if side == "left" else old.float() @ new.float().T

@@ -11,7 +11,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .config import parse_optim_args
+from .config import parse_optim_args, split_optim_args
 from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .targets import select_targets
 
@@ -85,7 +85,8 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
     check_supported(args, name, layerwise)
     if ctx.model is None:
         raise ValueError(f"--optim {name} needs the model to choose its target modules; pass `model` to Trainer.")
-    config, extra = parse_optim_args(ctx.optim_args, extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
+    # The raw string, parsed strictly: transformers' ctx.optim_args silently keeps the last of a repeated key.
+    config, extra = parse_optim_args(split_optim_args(args.optim_args), extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
     targets = select_targets(
         ctx.model, args.optim_target_modules, optimizer_name=name, rank=config.rank, form=form, **extra
     )
@@ -95,4 +96,5 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
     else:
         kwargs.update(ctx.adam_kwargs)
     kwargs.update(galore_params=[t.param for t in targets], galore_config=config, layerwise=layerwise)
+    kwargs["param_names"] = {param: name for name, param in ctx.model.named_parameters()}
     return optimizer_cls, kwargs

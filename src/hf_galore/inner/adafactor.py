@@ -48,17 +48,21 @@ class AdafactorUpdate:
             lr *= max(group["eps"][1], float(_rms(param.float())))
         return lr
 
+    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        grad = torch.empty_like(grad, dtype=torch.float32)  # statistics are float32 whatever the gradient's dtype
+        if group["beta1"] is not None:
+            state[EXP_AVG] = torch.zeros_like(grad)
+        if grad.dim() >= 2:
+            state[EXP_AVG_SQ_ROW] = grad.new_zeros(grad.shape[:-1])
+            state[EXP_AVG_SQ_COL] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+        else:
+            state[EXP_AVG_SQ] = torch.zeros_like(grad)
+
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         dtype, grad = grad.dtype, grad.float()
         factored = grad.dim() >= 2
         if EXP_AVG_SQ_ROW not in state and EXP_AVG_SQ not in state:
-            if group["beta1"] is not None:
-                state[EXP_AVG] = torch.zeros_like(grad)
-            if factored:
-                state[EXP_AVG_SQ_ROW] = grad.new_zeros(grad.shape[:-1])
-                state[EXP_AVG_SQ_COL] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state[EXP_AVG_SQ] = torch.zeros_like(grad)
+            self.init_state(grad, state, group)
 
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         update = grad.square().add_(group["eps"][0])

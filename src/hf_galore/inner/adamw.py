@@ -44,13 +44,16 @@ class AdamWUpdate:
         if group.get("amsgrad", False):
             raise ValueError("GaLoreAdamW does not support amsgrad=True.")
 
+    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state[EXP_AVG] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        state[EXP_AVG_SQ] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         return group["lr"]
 
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         if EXP_AVG not in state:
-            state[EXP_AVG] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state[EXP_AVG_SQ] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            self.init_state(grad, state, group)
         beta1, beta2 = group["betas"]
         direction = adam_direction(
             grad, state[EXP_AVG], state[EXP_AVG_SQ], step=step, beta1=beta1, beta2=beta2, eps=group["eps"]

@@ -51,7 +51,7 @@ class AdamW8bitUpdate:
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         return group["lr"]
 
-    def _init_state(self, grad: Tensor, state: dict[str, Any]) -> None:
+    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if grad.numel() < self.min_8bit_size:
             state[EXP_AVG] = torch.zeros_like(grad, dtype=torch.float32)
             state[EXP_AVG_SQ] = torch.zeros_like(grad, dtype=torch.float32)
@@ -66,7 +66,7 @@ class AdamW8bitUpdate:
         import bitsandbytes.functional as bnbf
 
         if EXP_AVG not in state:
-            self._init_state(grad, state)
+            self.init_state(grad, state, group)
         beta1, beta2 = group["betas"]
         grad = grad.contiguous()
         buffer = torch.zeros_like(grad, dtype=torch.float32)

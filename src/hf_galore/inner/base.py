@@ -17,6 +17,9 @@ class InnerUpdate(Protocol):
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise a `ValueError` naming any hyper-parameter of `group` this rule cannot use."""
 
+    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Create this rule's zeroed moments for a gradient like `grad` (also on the meta device: the layout)."""
+
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         """The step size for this update (`step` counts this update, starting at 1)."""
 
