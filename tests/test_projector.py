@@ -15,7 +15,7 @@ from hf_galore.projector import (
     project_back,
     projected_shape,
     projection_sides,
-    randomized_svd,
+    randomized_right_basis,
     subspace_overlap,
 )
 
@@ -123,16 +123,16 @@ def test_randomized_refresh_captures_the_exact_top_r_energy(shape, proj_type):
         if basis is not None:
             _assert_orthonormal(basis, side)
     energy = project(grad, *fast).norm() ** 2
-    assert energy >= 0.99 * project(grad, *exact).norm() ** 2
+    assert energy >= 0.999 * project(grad, *exact).norm() ** 2
     # the same seed gives the same basis (resume), another seed another sketch
     again = compute_bases(grad, 16, proj_type, "randomized", oversample=8, power_iters=2, seed=3)
     assert all(a is None or torch.equal(a, b) for a, b in zip(fast, again))
 
 
-def test_randomized_svd_leaves_the_global_rng_alone():
+def test_randomized_refresh_leaves_the_global_rng_alone():
     matrix = torch.randn(20, 10)
     state = torch.get_rng_state()
-    randomized_svd(matrix, 4, oversample=2, power_iters=1, generator=torch.Generator().manual_seed(0))
+    randomized_right_basis(matrix, 4, oversample=2, power_iters=1, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import ProjType, RefreshMethod
+from .sharding import RowShard, all_gather_stacked, gather_rows, global_sum, world_size
 
 
 def projection_sides(shape: tuple[int, ...], proj_type: ProjType) -> tuple[bool, bool]:
@@ -39,26 +40,63 @@ def projected_shape(shape: tuple[int, ...], rank: int, proj_type: ProjType) -> t
     return (r if left else shape[0], r if right else shape[1])
 
 
-def randomized_svd(
-    matrix: Tensor, rank: int, *, oversample: int, power_iters: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Approximate top-`rank` singular vectors (U_r, Vh_r) by a randomized range finder (Halko et al., 2011).
+def randomized_right_basis(
+    local_rows: Tensor,
+    rank: int,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    shard: RowShard | None = None,
+) -> Tensor:
+    """Approximate top-`rank` right singular vectors of G (r×n, orthonormal rows, float32) by a randomized range
+    finder on Gᵀ (Halko et al., 2011), from `local_rows`: all of G, or rows [shard.offset, ...) of a row-sharded G.
 
-    Sketch the range with `rank + oversample` Gaussian directions, sharpen it with `power_iters` power
-    iterations (re-orthonormalised each time), then take an exact SVD of the small projected matrix. Costs
-    O(m·n·k) instead of the full SVD's O(m·n·min(m, n)); `generator` makes it reproducible (and keeps the
-    global RNG, which drives dropout and data order, untouched).
+    One algorithm for one process and for row shards, so both give the same basis to float error:
+    Ω is the same m×k Gaussian on every rank (k = rank + oversample, at most min(m, n); drawn whole from a generator
+    seeded by `seed`, each rank keeping its rows); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y));
+    Q = orth(Y) (n×k). Then the small SVD of B = G Q (m×k) by TSQR: each rank's R_i of B_i, stacked and reduced to one
+    k×k R (diagonal made non-negative, so it does not depend on how B was split), svd(R) = U S Vsᵀ, and the basis is
+    (Q Vs[:, :r])ᵀ, each row's sign chosen so that its largest entry is positive.
+
+    Collectives (sharded only): 1 + power_iters all-reduces of n×k and one all-gather of W·k×k; their results are
+    identical on every rank, so is the basis. Costs O(m·n·k) flops instead of the full SVD's O(m·n·min(m, n)); the
+    generator leaves the global RNG (dropout, data order) untouched.
     """
-    rows, cols = matrix.shape
+    local_count, cols = local_rows.shape
+    rows = local_count if shard is None else shard.global_rows
+    offset = 0 if shard is None else shard.offset
+    rank = min(rank, rows, cols)
     k = min(rank + oversample, rows, cols)
-    omega = torch.randn(cols, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    sketch = matrix @ omega
+    matrix = local_rows.float()
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    omega = torch.randn(rows, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    sketch = global_sum(matrix.T @ omega[offset : offset + local_count], shard)
     for _ in range(power_iters):
         q, _ = torch.linalg.qr(sketch)
-        sketch = matrix @ (matrix.T @ q)
+        sketch = global_sum(matrix.T @ (matrix @ q), shard)
     q, _ = torch.linalg.qr(sketch)
-    u_small, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
-    return q @ u_small[:, :rank], vh[:rank]
+    r_factor = _r_factor(matrix @ q, k)
+    if world_size(shard) > 1:
+        r_factor = _r_factor(all_gather_stacked(r_factor, shard), k)
+    _, _, vh = torch.linalg.svd(r_factor)
+    basis = vh[:rank] @ q.T
+    # An SVD fixes each singular vector up to sign, and LAPACK's choice can flip between two R equal to float error
+    # (it does when R is nearly block-diagonal): make each row's largest entry positive, so shards and one process
+    # agree.
+    largest = basis.gather(1, basis.abs().argmax(dim=1, keepdim=True))
+    return basis * torch.where(largest < 0, -1.0, 1.0)
+
+
+def _r_factor(matrix: Tensor, k: int) -> Tensor:
+    """The k×k R of a QR of an a×k matrix, with a non-negative diagonal (unique for full rank); zero rows pad it
+    when a < k (a short or empty row block)."""
+    r_factor = matrix.new_zeros(k, k)
+    if matrix.shape[0]:
+        r = torch.linalg.qr(matrix, mode="r").R
+        r_factor[: r.shape[0]] = r
+    signs = torch.where(r_factor.diagonal() < 0, -1.0, 1.0).to(r_factor.dtype)
+    return r_factor * signs.unsqueeze(1)
 
 
 def compute_bases(
@@ -70,24 +108,45 @@ def compute_bases(
     oversample: int = 8,
     power_iters: int = 2,
     seed: int = 0,
+    shard: RowShard | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """The (left m×r, right r×n) bases of `grad`'s top-r singular subspace, computed in float32, stored in
     `grad`'s dtype. Either entry is None when that side is not projected.
 
-    `method="exact"` takes a full SVD (the reference's behaviour); `"randomized"` uses `randomized_svd` seeded
-    by `seed`. Raises `torch.linalg.LinAlgError` when the SVD fails.
+    `method="exact"` takes a full SVD (the reference's behaviour); `"randomized"` uses `randomized_right_basis`
+    seeded by `seed` (a left basis alone is the right basis of Gᵀ; with both sides, the left one is the left singular
+    vectors of G Qᵀ). Raises `torch.linalg.LinAlgError` when the SVD fails.
+
+    With `shard`, `grad` holds rows [shard.offset, ...) of a row-sharded m×n gradient (see `sharding`): the sides
+    follow the global shape, the right basis is replicated on every rank and the left basis comes back as the same
+    rows of P (m_i×r), as the gradient. Exact gathers the whole gradient once (`sharding.gather_rows`) and takes
+    the same SVD on every rank; randomized exchanges only n×k sketches and supports the right side only.
     """
-    left, right = projection_sides(tuple(grad.shape), proj_type)
-    r = effective_rank(tuple(grad.shape), rank)
-    matrix = grad.float()
+    sharded = world_size(shard) > 1
+    shape = (shard.global_rows if sharded else grad.shape[0], grad.shape[1])
+    left, right = projection_sides(shape, proj_type)
+    r = effective_rank(shape, rank)
     if method == "exact":
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, _, vh = torch.linalg.svd(gather_rows(grad, shard).float(), full_matrices=False)
+        if sharded:
+            u = u[shard.offset : shard.offset + grad.shape[0]]
+        left_basis, right_basis = u[:, :r], vh[:r, :]
     else:
-        generator = torch.Generator(device=matrix.device).manual_seed(seed)
-        u, vh = randomized_svd(matrix, r, oversample=oversample, power_iters=power_iters, generator=generator)
+        if left and sharded:
+            raise ValueError(
+                f"Invalid refresh_method='randomized' with proj_type={proj_type!r} on a row-sharded {shape} weight: "
+                "the randomized refresh of a sharded weight computes the right basis only; project from the right "
+                "(proj_type='right') or use refresh_method='exact'."
+            )
+        options = {"oversample": oversample, "power_iters": power_iters, "seed": seed}
+        right_basis = randomized_right_basis(grad, r, shard=shard, **options) if right else None
+        if left and right:  # `full`: the left singular vectors of G Qᵀ pair with Q and keep all of its energy
+            left_basis = torch.linalg.svd(grad.float() @ right_basis.T, full_matrices=False)[0]
+        elif left:
+            left_basis = randomized_right_basis(grad.T, r, **options).T
     # Copy out of the SVD's factors: a slice would keep the whole m×min(m, n) factor alive in optimizer state.
     own = {"dtype": grad.dtype, "memory_format": torch.contiguous_format, "copy": True}
-    return (u[:, :r].to(**own) if left else None, vh[:r, :].to(**own) if right else None)
+    return (left_basis.to(**own) if left else None, right_basis.to(**own) if right else None)
 
 
 def identity_bases(shape: tuple[int, ...], rank: int, proj_type: ProjType, like: Tensor) -> tuple[Tensor | None, ...]:

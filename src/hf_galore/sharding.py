@@ -1,0 +1,282 @@
+"""Row-sharded (FSDP2) GaLore: where a weight's rows live, the few collectives the maths needs, and counting them.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) holds each parameter and its gradient as a DTensor `Shard(0)`: rank j
+owns a contiguous block of rows, cut with `torch.chunk` semantics (blocks of ⌈m/W⌉ rows, the last one shorter, and
+empty blocks when the rows run out, e.g. m=1 or m=5 over W=4). `RowShard` says where a local block sits; every
+helper here takes one, and `shard=None` (or a group of one rank) means "not sharded: no collective".
+
+What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + oversample, r = rank, 4-byte floats):
+
+- right projection R_i = G_i Qᵀ and its back-projection N_i Q, with Q (r×n) replicated: local, no collective;
+  moments are row-sharded like the weight.
+- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k plus one
+  all-gather of W·k×k (TSQR) — O(n·k) bytes, never m×n.
+- exact refresh (`gather_rows`): one all-gather of the m×n gradient (padded to W·⌈m/W⌉ rows), then the same full
+  SVD on every rank.
+- left projection (`project_left`): Pᵀ G = Σ_i P_iᵀ G_i, an all-reduce of r×n every step, P row-sharded;
+  back-projection P_i N is local.
+- Adafactor on R_i (m_i×r): row statistic local; column statistic = mean over all m rows (all-reduce of r floats);
+  the row statistic's mean, the update's RMS and (with `scale_parameter`) the weight's RMS need one float each
+  (`mean_over_rows`, `global_mean`, `global_rms`).
+- 8-bit Adam: bitsandbytes quantises the local shard in blocks of 256 values, no collective. The block boundaries
+  match an unsharded run only when every shard's numel is a multiple of 256, so 8-bit parity with one process is
+  to quantisation tolerance, not float error.
+
+Decisions that must agree on every rank must use replicated values: a non-finite check on the local shard alone
+can make one rank skip a refresh while the others wait in its all-reduce. The bases are computed from all-reduced
+(identical) inputs, so checking them is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "CommCounter",
+    "CommRecord",
+    "RowShard",
+    "all_gather_stacked",
+    "count_collectives",
+    "gather_rows",
+    "global_mean",
+    "global_rms",
+    "global_sum",
+    "local_tensor",
+    "mean_over_rows",
+    "project_left",
+    "row_shard",
+    "world_size",
+]
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Where a local block of rows sits in its global m×n tensor: rows [offset, offset + local rows) of
+    `global_rows`, split over `group` with `torch.chunk` semantics (None: a single process, not sharded)."""
+
+    offset: int
+    global_rows: int
+    group: Any = None  # torch.distributed.ProcessGroup | None
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The rank's own block: `tensor.to_local()` for a DTensor, `tensor` itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def row_shard(tensor: Tensor) -> RowShard | None:
+    """The `RowShard` of a DTensor sharded on dim 0 over one mesh dimension (FSDP2, or HSDP's shard dimension with
+    the others replicated); None for a plain tensor or a fully replicated DTensor.
+
+    Raises ValueError for layouts whose rows are not one contiguous block per rank (other sharded dims, strided
+    shards from FSDP2 + tensor parallelism).
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(tensor, DTensor):
+        return None
+    mesh, placements = tensor.device_mesh, tensor.placements
+    sharded = [dim for dim, p in enumerate(placements) if not isinstance(p, Replicate)]
+    if not sharded:
+        return None
+    if len(sharded) != 1 or type(placements[sharded[0]]) is not Shard or placements[sharded[0]].dim != 0:
+        raise ValueError(
+            f"Invalid placements {placements} for GaLore's row sharding: expected Shard(0) on one mesh dimension "
+            "and Replicate() on the others (FSDP2 or HSDP)."
+        )
+    mesh_dim = sharded[0]
+    _, offset = Shard.local_shard_size_and_offset(tensor.shape[0], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
+    return RowShard(offset=int(offset), global_rows=tensor.shape[0], group=mesh.get_group(mesh_dim))
+
+
+def world_size(shard: RowShard | None) -> int:
+    """How many ranks share the rows (1 when not sharded)."""
+    return 1 if shard is None or shard.group is None else dist.get_world_size(shard.group)
+
+
+def global_sum(tensor: Tensor, shard: RowShard | None) -> Tensor:
+    """Σ over the ranks of `tensor` (a new tensor; all-reduce of tensor.numel() values); `tensor` when unsharded."""
+    if world_size(shard) == 1:
+        return tensor
+    total = tensor.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard.group)
+    return total
+
+
+def all_gather_stacked(tensor: Tensor, shard: RowShard | None) -> Tensor:
+    """Every rank's `tensor` (same shape everywhere) stacked along dim 0 in rank order: W·a×b from a×b."""
+    size = world_size(shard)
+    if size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
+    # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; same collective.
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, tensor, group=shard.group)
+    return out
+
+
+def gather_rows(local: Tensor, shard: RowShard | None) -> Tensor:
+    """The full m×n tensor on every rank from its row blocks: one all-gather of W·⌈m/W⌉×n (shorter and empty
+    blocks are zero-padded, then trimmed). Used by the exact refresh, once per refresh."""
+    size = world_size(shard)
+    if size == 1:
+        return local
+    chunk = -(-shard.global_rows // size)
+    rank = dist.get_rank(shard.group)
+    rows = local.shape[0]
+    expected = max(0, min(chunk, shard.global_rows - rank * chunk))
+    if rows != expected or (rows and shard.offset != rank * chunk):
+        raise ValueError(
+            f"Invalid row shard: rank {rank} holds {rows} rows at offset {shard.offset} of {shard.global_rows}; "
+            f"torch.chunk over {size} ranks gives {expected} rows at offset {rank * chunk}."
+        )
+    padded = local.new_zeros((chunk, *local.shape[1:]))
+    padded[:rows] = local
+    return all_gather_stacked(padded, shard)[: shard.global_rows]
+
+
+def project_left(local_grad: Tensor, local_left: Tensor, shard: RowShard | None) -> Tensor:
+    """R = Pᵀ G for a row-sharded G (m_i×n) and P (m_i×r, the same rows of the m×r left basis): Σ_i P_iᵀ G_i,
+    replicated on every rank. Costs an all-reduce of r×n values (4·r·n bytes in float32) per call, i.e. per step:
+    the integrator decides whether to offer left projection on sharded weights. The back-projection P_i N is local.
+    """
+    return global_sum(local_left.T @ local_grad, shard)
+
+
+def mean_over_rows(tensor: Tensor, shard: RowShard | None) -> Tensor:
+    """The mean over all m global rows (dim -2) of a row-sharded tensor: Adafactor's column statistic.
+    All-reduce of the last dimension's size (r floats for a projected gradient)."""
+    if world_size(shard) == 1:
+        return tensor.mean(dim=-2)
+    return global_sum(tensor.sum(dim=-2), shard) / shard.global_rows
+
+
+def global_mean(tensor: Tensor, numel: int, shard: RowShard | None) -> Tensor:
+    """The mean of a sharded tensor whose global size is `numel` (0-d): Adafactor's mean of the row statistic
+    (numel = m). All-reduce of one float."""
+    if world_size(shard) == 1:
+        return tensor.mean()
+    return global_sum(tensor.sum(), shard) / numel
+
+
+def global_rms(tensor: Tensor, numel: int, shard: RowShard | None) -> Tensor:
+    """√(Σ x² / numel) over every rank's block (0-d): Adafactor's update clipping (numel = m·r) and its
+    `scale_parameter` weight RMS (numel = m·n). All-reduce of one float."""
+    if world_size(shard) == 1:
+        return tensor.norm(2) / numel**0.5
+    return (global_sum(tensor.float().square().sum(), shard) / numel).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting collectives
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    """One collective as this rank issued it: the op, the bytes it contributed and the bytes of the result."""
+
+    op: str
+    input_bytes: int
+    output_bytes: int
+
+
+@dataclass
+class CommCounter:
+    """The collectives issued inside `count_collectives()`, in order."""
+
+    records: list[CommRecord] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.records)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(r.input_bytes for r in self.records)
+
+    @property
+    def largest_output_bytes(self) -> int:
+        return max((r.output_bytes for r in self.records), default=0)
+
+
+def _bytes(value: Any) -> int:
+    leaves, _ = tree_flatten(value)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
+
+
+def _collective_ops() -> tuple[set, set, set]:
+    c10d, funcol = torch.ops.c10d, torch.ops._c10d_functional
+    in_place = {c10d.allreduce_, c10d.allreduce_coalesced_, c10d.broadcast_, c10d.reduce_}
+    output_first = {
+        c10d.allgather_,
+        c10d._allgather_base_,
+        c10d.allgather_coalesced_,
+        c10d.allgather_into_tensor_coalesced_,
+        c10d._reduce_scatter_base_,
+        c10d.reduce_scatter_,
+        c10d.reduce_scatter_tensor_coalesced_,
+        c10d.alltoall_,
+        c10d.alltoall_base_,
+        c10d.gather_,
+        c10d.scatter_,
+    }
+    functional = {
+        funcol.all_reduce,
+        funcol.all_reduce_coalesced,
+        funcol.all_gather_into_tensor,
+        funcol.all_gather_into_tensor_coalesced,
+        funcol.reduce_scatter_tensor,
+        funcol.reduce_scatter_tensor_coalesced,
+        funcol.all_to_all_single,
+        funcol.broadcast,
+    }
+    return in_place, output_first, functional
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self, counter: CommCounter) -> None:
+        super().__init__()
+        self.counter = counter
+        self.in_place, self.output_first, self.functional = _collective_ops()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor lower itself to the collectives counted below
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = getattr(func, "_overloadpacket", None)
+        if packet in self.in_place:
+            sent = received = _bytes(args[0])
+        elif packet in self.output_first:
+            received, sent = _bytes(args[0]), _bytes(args[1])
+        elif packet in self.functional:
+            sent, received = _bytes(args[0]), _bytes(out)
+        else:
+            return out
+        self.counter.records.append(CommRecord(op=str(packet), input_bytes=sent, output_bytes=received))
+        return out
+
+
+@contextmanager
+def count_collectives() -> Iterator[CommCounter]:
+    """Count the collectives this rank issues in the block (plain `torch.distributed` calls, which reach the
+    dispatcher as `c10d` ops, and the functional collectives DTensor lowers to), with their bytes.
+
+    torch's `CommDebugMode` counts the same ops but not their sizes.
+    """
+    counter = CommCounter()
+    with _CountingMode(counter):
+        yield counter
