@@ -2,25 +2,11 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import LLAMA_VOCAB, tiny_llama
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes, optimizer_state_bytes
 
-RANK = 8
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+RANK = 4
 
 
 def _groups(model):
@@ -32,7 +18,8 @@ def _groups(model):
 
 FORMS = {
     "adamw": (lambda g: GaLoreAdamW(g, lr=1e-3), {}),
-    # min_8bit_size=256 so that the projected targets (512+ entries) hold 8-bit moments and block constants too
+    # min_8bit_size=256: the projected 64x32 / 32x64 targets (256 entries) hold 8-bit moments and block constants,
+    # the projected 32x32 ones (128) keep 32-bit moments
     "adamw8bit": (lambda g: GaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=256), {"min_8bit_size": 256}),
     "adafactor": (lambda g: GaLoreAdafactor(g, lr=1e-3, relative_step=False, beta1=0.9), {"adafactor_beta1": True}),
 }
@@ -44,7 +31,8 @@ def test_state_bytes_equal_analytic_count_on_tiny_llama(form):
     targets, others, groups = _groups(model)
     make, extra = FORMS[form]
     optimizer = make(groups)
-    model(torch.randint(0, 512, (2, 16)), labels=torch.randint(0, 512, (2, 16))).loss.backward()
+    tokens = torch.randint(0, LLAMA_VOCAB, (2, 16))
+    model(tokens, labels=tokens).loss.backward()
     optimizer.step()
     expected = sum(expected_state_bytes(tuple(p.shape), form=form, rank=RANK, **extra) for p in targets)
     expected += sum(expected_state_bytes(tuple(p.shape), form=form, **extra) for p in others)
