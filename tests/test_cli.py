@@ -39,6 +39,9 @@ def _console_script(name: str) -> str:
 
 
 def _train(prefix: list[str], tmp_path: Path, optim: str = "galore_adamw_8bit", script: Path = SCRIPT):
+    """Run the unmodified training script for two steps under `prefix` (a launcher's console script is looked up)."""
+    if prefix[0] in ("hf-galore", "torchrun", "accelerate"):
+        prefix = [_console_script(prefix[0]), *prefix[1:]]
     flags = ["--optim", optim, "--optim_target_modules", "attn,mlp"]
     common = ["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "4"]
     common += ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]
@@ -138,11 +141,12 @@ def test_python_m_hf_galore_dispatches_estimate(capsys):
     assert json.loads(capsys.readouterr().out)["model"]["parameters"] == 156_480  # 2 x 512 x 64 + 2 x 45,440 + 64
 
 
-# End to end: one subprocess per launcher.
+# End to end: one subprocess per launcher. --standalone: torchrun picks a free port itself.
+TORCHRUN_2 = ["torchrun", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_console_script_trains_an_unmodified_script(tmp_path):
-    result = _train([_console_script("hf-galore"), "run"], tmp_path)
+    result = _train(["hf-galore", "run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert OPTIMIZER_LINE in result.stdout
     # the selection table: both aliases, the LLaMA projections, the total line
@@ -153,7 +157,7 @@ def test_console_script_trains_an_unmodified_script(tmp_path):
 
 def test_ddp_under_torchrun_module_form(tmp_path):
     """Two CPU processes (gloo): the whole-model form trains under DDP; only rank 0 prints the table."""
-    result = _train([_console_script("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "hf_galore"], tmp_path)
+    result = _train([*TORCHRUN_2, "-m", "hf_galore"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(OPTIMIZER_LINE) == 2
     assert result.stderr.count("selected 14 weight matrices") == 1
@@ -162,8 +166,7 @@ def test_ddp_under_torchrun_module_form(tmp_path):
 def test_layerwise_under_ddp_is_refused(tmp_path):
     """The refusal's logic is tested in-process (tests/test_trainer.py, a faked parallel_mode); this run pins that a
     real torchrun launch is detected as multi-process, so a layer-wise form never updates before DDP averages."""
-    prefix = [_console_script("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "hf_galore"]
-    result = _train(prefix, tmp_path, optim="galore_adamw_layerwise")
+    result = _train([*TORCHRUN_2, "-m", "hf_galore"], tmp_path, optim="galore_adamw_layerwise")
     assert result.returncode != 0
     assert (
         "NotImplementedError: --optim galore_adamw_layerwise does not support multi-process training: a layer-wise "
@@ -172,7 +175,7 @@ def test_layerwise_under_ddp_is_refused(tmp_path):
 
 
 def test_accelerate_launch_module_form(tmp_path):
-    prefix = [_console_script("accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
+    prefix = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
     prefix += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_galore"]
     result = _train(prefix, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
