@@ -1,10 +1,13 @@
 """Optimizer-state bytes equal the analytic count: 2·r·max(m, n) moments + r·min(m, n) basis per target."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import LLAMA_VOCAB, tiny_llama
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes, optimizer_state_bytes
+from hf_galore.inner import MIN_8BIT_SIZE, AdafactorUpdate, AdamW8bitUpdate, AdamWUpdate
 
 RANK = 4
 
@@ -65,3 +68,39 @@ def test_galore_saves_most_of_adamw_state_on_the_targets():
 def test_unknown_form_raises():
     with pytest.raises(ValueError, match="Invalid form='sgd'. Must be one of adamw, adamw8bit, adafactor"):
         expected_state_bytes((4, 4), form="sgd")
+
+
+def test_each_rule_counts_its_own_state_as_the_named_form():
+    """`expected_state_bytes` takes the rule itself; a rule configured like the named form gives the same bytes."""
+    shape = (64, 32)
+    cases = [
+        (AdamWUpdate(), {"form": "adamw"}),
+        (AdamW8bitUpdate(min_8bit_size=256), {"form": "adamw8bit", "min_8bit_size": 256}),
+        (AdamW8bitUpdate(), {"form": "adamw8bit"}),  # 8 x 64 = 512 entries < 4096: 32-bit moments
+        (AdafactorUpdate(first_moment=True), {"form": "adafactor", "adafactor_beta1": True}),
+    ]
+    for rule, named in cases:
+        for rank in (None, RANK):
+            assert expected_state_bytes(shape, form=rule, rank=rank) == expected_state_bytes(shape, rank=rank, **named)
+    assert AdamW8bitUpdate(min_8bit_size=256).state_bytes((8, 64), torch.float32) == 2 * 512 + 2 * 4 * 2
+    assert AdamW8bitUpdate().state_bytes((8, 64), torch.float32) == 2 * 4 * 512
+    assert AdamWUpdate().state_bytes((8, 64), torch.bfloat16) == 2 * 2 * 512
+    assert AdafactorUpdate().state_bytes((8, 64), torch.bfloat16) == 4 * (8 + 64)
+
+
+def test_options_for_a_rule_instance_are_refused():
+    with pytest.raises(ValueError, match="Invalid min_8bit_size=256 with form=.*configure the rule instance instead"):
+        expected_state_bytes((4, 4), form=AdamW8bitUpdate(), min_8bit_size=256)
+
+
+def test_min_8bit_size_default_is_bitsandbytes_own_everywhere():
+    import bitsandbytes
+
+    from hf_galore.trainer_factory import _EXTRA_OPTIM_ARGS
+
+    assert inspect.signature(bitsandbytes.optim.AdamW8bit).parameters["min_8bit_size"].default == MIN_8BIT_SIZE
+    assert inspect.signature(GaLoreAdamW8bit).parameters["min_8bit_size"].default == MIN_8BIT_SIZE
+    assert AdamW8bitUpdate().min_8bit_size == MIN_8BIT_SIZE
+    assert _EXTRA_OPTIM_ARGS[GaLoreAdamW8bit] == {"min_8bit_size": MIN_8BIT_SIZE}
+    moments = 2 * 4 * (MIN_8BIT_SIZE - 1)  # one entry below the threshold: float32 moments
+    assert expected_state_bytes((1, MIN_8BIT_SIZE - 1), form="adamw8bit") == moments

@@ -47,6 +47,10 @@ class AdamWUpdate:
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         return group["lr"]
 
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Two moments in the gradient's dtype."""
+        return 2 * math.prod(shape) * dtype.itemsize
+
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         if EXP_AVG not in state:
             state[EXP_AVG] = torch.zeros_like(grad, memory_format=torch.preserve_format)
