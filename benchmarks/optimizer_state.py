@@ -25,6 +25,8 @@ from common import machine, quiet_library_logs, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, optimizer_state_bytes
+from hf_galore.report import MIB
+from hf_galore.report import format_table as render_table
 from hf_galore.targets import select_targets
 
 LLAMA_60M = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8}
@@ -106,7 +108,7 @@ def measure(quick: bool, rank: int, repeats: int) -> dict:
             rows[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:160]}
             continue
         runners[name] = (between, refresh)
-        rows[name] = {"state_mb": state_bytes(between) / 2**20, "between": [], "refresh": []}
+        rows[name] = {"state_mb": state_bytes(between) / MIB, "between": [], "refresh": []}
     for _ in range(repeats):
         for name, (between, refresh) in runners.items():
             rows[name]["between"].append(timed_step(between))
@@ -135,16 +137,23 @@ def format_table(report: dict) -> str:
     lines = [
         f"LLaMA config {report['config']}, {report['params'] / 1e6:.1f}M params, rank {report['rank']}, "
         f"targets {report['targets']}, median of {report['repeats']} steps, {report['machine']}",
-        f"{'optimizer':30} {'state MB':>9} {'step (s)':>9} {'vs AdamW':>9} {'refresh (s)':>12} {'vs AdamW':>9}",
     ]
-    for name, row in report["results"].items():
-        if "error" in row:
-            lines.append(f"{name:30} fails here: {row['error']}")
-            continue
-        lines.append(
-            f"{name:30} {row['state_mb']:9.1f} {row['between_s']:9.4f} {row['between_vs_adamw']:9.2f}x"
-            f" {row['refresh_s']:12.4f} {row['refresh_vs_adamw']:9.2f}x"
+    header = ("optimizer", "state MiB", "step (s)", "vs AdamW", "refresh (s)", "vs AdamW", "")
+    rows = [
+        (name, "", "", "", "", "", f"fails here: {row['error']}")
+        if "error" in row
+        else (
+            name,
+            f"{row['state_mb']:.1f}",
+            f"{row['between_s']:.4f}",
+            f"{row['between_vs_adamw']:.2f}x",
+            f"{row['refresh_s']:.4f}",
+            f"{row['refresh_vs_adamw']:.2f}x",
+            "",
         )
+        for name, row in report["results"].items()
+    ]
+    lines.append(render_table(header, rows, right=range(1, 6), free_last=True))
     return "\n".join(lines)
 
 

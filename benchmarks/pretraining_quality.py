@@ -38,6 +38,8 @@ from common import SAMPLE_TEXT, machine, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, expected_state_bytes, optimizer_state_bytes
+from hf_galore.report import MIB
+from hf_galore.report import format_table as render_table
 from hf_galore.targets import select_targets
 
 RESULTS = Path(__file__).parent / "results"
@@ -216,7 +218,7 @@ def train(
         "method": method,
         "lr": lr,
         "trainable_params": sum(p.numel() for p in trainable),
-        "state_mb": state_bytes / 2**20,
+        "state_mb": state_bytes / MIB,
         "eval_loss": final,
         "perplexity": math.exp(final) if math.isfinite(final) else math.inf,
         "train_s": seconds,
@@ -283,14 +285,22 @@ def format_table(report: dict) -> str:
         f"eval on {report['eval_tokens']:,} held-out tokens; GaLore rank {report['galore_rank']}, alpha "
         f"{report['scale']}, T={setup['update_proj_gap']}; LoRA rank {report['lora_rank']} (alpha 2r); "
         f"{report['machine']}",
-        f"{'method':18} {'lr':>6} {'trainable':>10} {'state MiB':>9} {'eval loss':>9} {'ppl':>7} {'vs AdamW':>8} "
-        f"{'train s':>7}",
     ]
-    for run in report["runs"]:
-        lines.append(
-            f"{run['method']:18} {run['lr']:6.0e} {run['trainable_params']:10,} {run['state_mb']:9.2f} "
-            f"{run['eval_loss']:9.4f} {run['perplexity']:7.3f} {run['vs_adamw_pct']:+7.2f}% {run['train_s']:7.0f}"
+    header = ("method", "lr", "trainable", "state MiB", "eval loss", "ppl", "vs AdamW", "train s")
+    rows = [
+        (
+            run["method"],
+            f"{run['lr']:.0e}",
+            f"{run['trainable_params']:,}",
+            f"{run['state_mb']:.2f}",
+            f"{run['eval_loss']:.4f}",
+            f"{run['perplexity']:.3f}",
+            f"{run['vs_adamw_pct']:+.2f}%",
+            f"{run['train_s']:.0f}",
         )
+        for run in report["runs"]
+    ]
+    lines.append(render_table(header, rows, right=range(1, 8)))
     s = report["summary"]
     galore, adamw, lora = s["best_galore"], s["best_adamw"], s["best_lora"]
     verdict = {True: "met", False: "missed"}

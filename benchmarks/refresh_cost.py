@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_galore import GaLoreAdamW, GaLoreConfig, select_targets
 from hf_galore.projector import compute_bases, project
+from hf_galore.report import format_table as render_table
 
 METHODS = {
     "exact": {"refresh_method": "exact"},
@@ -155,19 +156,31 @@ _LLAMA_7B_LAYER = {"hidden_size": 4096, "intermediate_size": 11008, "num_attenti
 
 def format_tables(report: dict) -> str:
     lines = [f"Refresh at rank {report['rank']} ({report['machine']}, {report['date']})"]
-    lines.append(f"{'matrix':38} {'method':16} {'seconds':>9} {'speed-up':>9} {'energy vs exact':>16}")
-    for row in report["matrices"]:
-        lines.append(
-            f"{row['matrix']:38} {row['method']:16} {row['seconds']:9.3f} {row['speedup_vs_exact']:8.1f}x"
-            f" {row['energy_vs_exact']:16.4f}"
+    matrices = [
+        (
+            row["matrix"],
+            row["method"],
+            f"{row['seconds']:.3f}",
+            f"{row['speedup_vs_exact']:.1f}x",
+            f"{row['energy_vs_exact']:.4f}",
         )
-    lines.append("")
-    lines.append(f"{'policy':34} {'steps':>5} {'gap':>4} {'refreshes':>9} {'refresh s':>10} {'final loss':>10}")
-    for row in report["training"]:
-        lines.append(
-            f"{row['policy']:34} {row['steps']:5d} {row['update_proj_gap']:4d} {row['refreshes']:9d}"
-            f" {row['refresh_seconds']:10.2f} {row['final_loss']:10.4f}"
+        for row in report["matrices"]
+    ]
+    header = ("matrix", "method", "seconds", "speed-up", "energy vs exact")
+    lines += [render_table(header, matrices, right={2, 3, 4}), ""]
+    training = [
+        (
+            row["policy"],
+            str(row["steps"]),
+            str(row["update_proj_gap"]),
+            str(row["refreshes"]),
+            f"{row['refresh_seconds']:.2f}",
+            f"{row['final_loss']:.4f}",
         )
+        for row in report["training"]
+    ]
+    header = ("policy", "steps", "gap", "refreshes", "refresh s", "final loss")
+    lines.append(render_table(header, training, right=range(1, 6)))
     return "\n".join(lines)
 
 

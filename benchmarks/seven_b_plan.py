@@ -23,6 +23,7 @@ from pathlib import Path
 from common import write_report
 
 from hf_galore.estimate import MemoryPlan, estimate, format_plan
+from hf_galore.report import format_table, gib
 
 CLAIM_GB = 22.0  # paper: "22.0 GB"; the unit's base is not stated, so both readings are shown
 DEVICE = "24GiB"  # an RTX 4090's 24 GB are 24 GiB (24,564 MiB)
@@ -65,19 +66,22 @@ def plan_runs(quick: bool) -> dict:
 
 
 def format_report(report: dict) -> str:
-    header = (
-        f"{'run':50} {'total GiB':>9} {'total GB':>9} {'reported':>9} {'fits 24GiB':>10} {'max rank':>8} "
-        f"{'max batch':>9}"
-    )
-    lines = [header, "-" * len(header)]
+    header = ("run", "total GiB", "total GB", "reported", "fits 24GiB", "max rank", "max batch")
+    rows = []
     for name, run in report["runs"].items():
         plan = run["plan"]
-        reported = "-" if run["reported_g"] is None else f"{run['reported_g']:.2f}G"
-        rank = "-" if plan["largest_rank"] is None else str(plan["largest_rank"])
-        lines.append(
-            f"{name:50} {plan['total'] / 2**30:9.2f} {plan['total'] / 1e9:9.2f} {reported:>9} "
-            f"{'yes' if plan['fits'] else 'NO':>10} {rank:>8} {plan['largest_batch_size']:>9}"
+        rows.append(
+            (
+                name,
+                gib(plan["total"]),
+                f"{plan['total'] / 1e9:,.2f}",
+                "-" if run["reported_g"] is None else f"{run['reported_g']:.2f}G",
+                "yes" if plan["fits"] else "NO",
+                "-" if plan["largest_rank"] is None else str(plan["largest_rank"]),
+                str(plan["largest_batch_size"]),
+            )
         )
+    lines = [format_table(header, rows, right=range(1, 7), rule=True)]
     lines.append(f"paper's claim: {report['claim']['total_gb']} GB for the first run")
     return "\n".join(lines)
 

@@ -14,11 +14,32 @@ from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 IN, HIDDEN, OUT = 16, 48, 8  # first weight 48×16 (tall), second 8×48 (wide)
+LLAMA_VOCAB = 128
 
 
 def tiny_mlp(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """A random-init LLaMA small enough for CPU tests: 2 layers, hidden 32, MLP 64, 4 heads, vocabulary 128.
+
+    Its 14 attention and MLP weights are 32x32 (q, k, v, o) and 64x32 / 32x64 (gate, up, down).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(name="tiny_llama")
+def tiny_llama_fixture() -> torch.nn.Module:
+    """`tiny_llama()` as a fixture: a fresh model per test."""
+    return tiny_llama()
 
 
 def galore_groups(model: torch.nn.Sequential, **galore) -> list[dict]:

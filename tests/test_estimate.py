@@ -6,12 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertLMHeadModel,
+    GPT2Config,
+    T5Config,
+    Trainer,
+    TrainingArguments,
+)
 
 import hf_galore
 from hf_galore.cli import main
 from hf_galore.estimate import activation_bytes, estimate, parse_memory_size
 from hf_galore.presets import PRESETS, preset_config
+from hf_galore.trainer_factory import GALORE_OPTIMIZERS
 
 TINY = ["--preset", "llama-tiny"]
 
@@ -96,6 +105,8 @@ def test_config_file_gpt2_conv1d_and_tied_head(capsys, tmp_path):
         "attn,mlp",
         "--optim_args",
         "rank=4,min_8bit_size=64",
+        "--seq-len",
+        "64",  # the config's n_positions
     )
     real = real_state_bytes(
         GPT2Config.from_pretrained(folder), "galore_adamw_8bit", "rank=4,min_8bit_size=64", torch.float32, tmp_path
@@ -106,7 +117,8 @@ def test_config_file_gpt2_conv1d_and_tied_head(capsys, tmp_path):
         plan["model"]["parameters"]
         == AutoModelForCausalLM.from_config(GPT2Config.from_pretrained(folder)).num_parameters()
     )
-    assert run_cli(capsys, "--config", str(folder))["optimizer_state"] > 0  # a folder holding config.json works too
+    from_folder = run_cli(capsys, "--config", str(folder), "--seq-len", "64")  # a folder holding config.json works too
+    assert from_folder["optimizer_state"] > 0
 
 
 def test_galore_repo_style_config_json(capsys, tmp_path):
@@ -250,3 +262,53 @@ def test_seven_b_plan_benchmark_quick(tmp_path, capsys):
     assert layerwise["gradients"] < full_grads["gradients"] and layerwise["optimizer_state"] < adam8["optimizer_state"]
     assert adam8["optimizer_state"] < adamw["optimizer_state"]
     assert "paper's claim" in capsys.readouterr().out
+
+
+BERT_TINY = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def _config_json(tmp_path, config) -> str:
+    config.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model" / "config.json")
+
+
+def test_encoder_config_is_refused_naming_its_model_type(tmp_path):
+    path = _config_json(tmp_path, BertConfig(**BERT_TINY))
+    with pytest.raises(SystemExit) as error:
+        main(["estimate", "--config", path])
+    assert str(error.value) == (
+        "hf-galore estimate: error: Cannot plan model_type='bert' (BertConfig): it is an encoder (masked LM) and its "
+        "config has is_decoder=false. The planner plans causal language models as AutoModelForCausalLM builds them "
+        "(llama, mistral, qwen2, gpt2, ...); an encoder such as BERT is planned as its causal-LM form "
+        "(BertLMHeadModel) only with is_decoder=true in its config."
+    )
+
+
+def test_encoder_marked_as_decoder_is_planned_as_its_causal_lm(capsys, tmp_path):
+    config = BertConfig(**BERT_TINY, is_decoder=True)
+    plan = run_cli(capsys, "--config", _config_json(tmp_path, config), "--seq-len", "64")
+    assert plan["model"]["architecture"] == "BertLMHeadModel"  # what is planned, said in the plan
+    assert plan["model"]["parameters"] == BertLMHeadModel(config).num_parameters()
+
+
+def test_encoder_decoder_config_is_refused(tmp_path):
+    path = _config_json(tmp_path, T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2))
+    with pytest.raises(SystemExit, match=r"Cannot plan model_type='t5' \(T5Config\): it is an encoder-decoder model"):
+        main(["estimate", "--config", path])
+
+
+def test_sequence_longer_than_the_model_positions_is_refused():
+    with pytest.raises(SystemExit) as error:
+        main(["estimate", *TINY, "--seq-len", "257"])
+    assert str(error.value) == (
+        "hf-galore estimate: error: Invalid seq_len=257: longer than the model's max_position_embeddings=256. "
+        "Pass --seq-len 256 or less."
+    )
+    assert estimate(preset="llama-tiny", seq_len=256).seq_len == 256  # the limit itself is fine
+
+
+def test_galore_optimizers_unpack_as_class_form_layerwise():
+    optimizer_cls, form, layerwise = GALORE_OPTIMIZERS["galore_adamw_8bit_layerwise"]
+    assert (optimizer_cls, form, layerwise) == (hf_galore.GaLoreAdamW8bit, "adamw8bit", True)
+    assert GALORE_OPTIMIZERS["galore_adafactor"].form == "adafactor"
+    assert not GALORE_OPTIMIZERS["galore_adafactor"].layerwise

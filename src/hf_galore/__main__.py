@@ -9,8 +9,9 @@ from .cli import main, run_script
 
 USAGE = "usage: python -m hf_galore SCRIPT.py [ARGS...] | -m MODULE [ARGS...] | run ... | estimate ..."
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+
+def dispatch(argv: list[str]) -> None:
+    """Run what `python -m hf_galore ARGV…` names; no target (or `-h`) exits with the usage line."""
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(USAGE)
     if argv[0] in ("run", "estimate"):
@@ -21,3 +22,7 @@ if __name__ == "__main__":
         run_script(argv[1], argv[2:], module=True)
     else:
         run_script(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    dispatch(sys.argv[1:])

@@ -1,17 +1,9 @@
 """`hf-galore estimate`: what a training run will hold in memory, planned before any weight is loaded.
 
 The model is built on the meta device from its config (nothing is allocated), the GaLore targets are picked by the
-same `select_targets` the Trainer integration uses, and the optimizer state is counted with `expected_state_bytes`,
-the formula the tests hold equal, byte for byte, to what the optimizers allocate. Weights, gradients and optimizer
-state are exact counts; activations and the basis-refresh workspace are estimates:
-
-* activations, per decoder layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", no recomputation; doubled at 32 bits), plus the head:
-  2·s·b·h values in the model dtype (final norm and LM-head inputs) and s·b·V·(dtype bytes + 8) for the logits, their
-  float32 copy and the loss's float32 log-softmax. With gradient checkpointing every layer keeps only its input
-  (s·b·h values) and one layer's activations are alive during its recomputation.
-* refresh workspace: the SVD of the largest target, `torch.linalg.svd(G.float(), full_matrices=False)`: a float32
-  copy of G (m×n) plus U (m×k), S (k) and Vᵀ (k×n), k = min(m, n); the solver's own scratch is not counted.
+same `select_targets` the Trainer integration uses, and the optimizer state is counted by the inner rules'
+`state_bytes`, the figures the tests hold equal, byte for byte, to what the optimizers allocate. Weights, gradients and
+optimizer state are exact counts; activations and the basis-refresh workspace are estimates (`hf_galore.planner`).
 
 Not counted: the CUDA context, allocator fragmentation and kernel temporaries (add them with `--overhead`).
 """
@@ -31,9 +23,19 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig, parse_optim_args
-from .memory import expected_state_bytes
+from .inner import MIN_8BIT_SIZE
+from .planner import (
+    PLAIN_OPTIMIZERS,
+    TensorKind,
+    activation_bytes,
+    largest_batch,
+    largest_rank,
+    refresh_workspace,
+    state_bytes,
+)
 from .presets import PRESETS, preset_config
-from .targets import select_targets
+from .report import format_table, gib, mib
+from .targets import GaLoreTarget, select_targets
 from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "MemoryPlan",
     "activation_bytes",
     "build_meta_model",
+    "check_causal_lm",
     "estimate",
     "estimate_command_parser",
     "format_plan",
@@ -52,21 +55,8 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-# transformers `--optim` names without GaLore that the planner models -> how their state is counted.
-PLAIN_OPTIMIZERS: dict[str, str] = {
-    "adamw_torch": "torch_adamw",
-    "adamw_torch_fused": "torch_adamw",
-    "adamw_bnb_8bit": "bnb_adamw8bit",
-    "adamw_8bit": "bnb_adamw8bit",
-    "adafactor": "adafactor",
-}
 _COMPARED_GALORE = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
 _COMPARED_PLAIN = ("adamw_torch", "adamw_bnb_8bit")
-_TORCH_STEP_BYTES = 4  # torch.optim.AdamW keeps `step` as a float32 scalar tensor per parameter
-_ADAFACTOR_RMS_BYTES = 4  # transformers' Adafactor keeps the weight's RMS as a float32 scalar tensor per parameter
-_BNB_QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' two 256-entry float32 quantization maps, shared by all 8-bit tensors
-_BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' default; transformers' adamw_bnb_8bit does not change it
 _UNITS = {
     "": 1,
     "b": 1,
@@ -83,19 +73,6 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """A kind of trainable tensor: the planner counts tensors by (shape, dtype, GaLore target or not)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    target: bool
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -185,88 +162,51 @@ def load_model_config(
         ) from None
 
 
-def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The model on the meta device, in `dtype`: every shape and dtype, no memory. A causal LM where the config has
-    one, else the bare `AutoModel`."""
-    from transformers import AutoModel, AutoModelForCausalLM
+def check_causal_lm(config: Any) -> None:
+    """Refuse, naming the model type, a config the planner cannot plan as a causal LM (its activation formula and
+    logits assume one): encoder-decoder models, encoders (masked LMs) not marked `is_decoder`, and model types
+    `AutoModelForCausalLM` cannot build."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except ValueError:
-            return AutoModel.from_config(config, dtype=dtype)
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "an encoder-decoder model"
+    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        reason = "an encoder (masked LM) and its config has is_decoder=false"
+    elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        reason = "not a model type AutoModelForCausalLM can build"
+    else:
+        return
+    raise ValueError(
+        f"Cannot plan model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}): it is {reason}. "
+        "The planner plans causal language models as AutoModelForCausalLM builds them (llama, mistral, qwen2, gpt2, "
+        "...); an encoder such as BERT is planned as its causal-LM form (BertLMHeadModel) only with is_decoder=true "
+        "in its config."
+    )
 
 
-def activation_bytes(
-    config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype, gradient_checkpointing: bool = False
-) -> int | None:
-    """Estimated bytes of activations kept for the backward pass (module docstring); None when the config lacks
-    hidden_size, num_hidden_layers, num_attention_heads or vocab_size."""
+def _check_seq_len(config: Any, seq_len: int) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    sizes = [getattr(text, key, None) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
-    vocab = getattr(text, "vocab_size", None)
-    if any(not isinstance(value, int) for value in [*sizes, vocab]):
-        return None
-    h, layers, heads = sizes
-    s, b, k = seq_len, batch_size, dtype.itemsize
-    layer = (34 * s * b * h + 5 * heads * s * s * b) * k // 2  # k/2: the formula counts 16-bit values
-    head = 2 * s * b * h * k + s * b * vocab * (k + 8)
-    if gradient_checkpointing:
-        return layers * s * b * h * k + layer + head
-    return layers * layer + head
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(
+            f"Invalid seq_len={seq_len}: longer than the model's max_position_embeddings={limit}. "
+            f"Pass --seq-len {limit} or less."
+        )
 
 
-def _state_bytes(
-    tensors: Mapping[_Tensor, int], optim: str, *, rank: int | None, proj_type: str, min_8bit_size: int
-) -> int:
-    """Bytes optimizer `optim` allocates for these trainable tensors (what `optimizer_state_bytes` measures)."""
-    total = 0
-    if optim in GALORE_OPTIMIZERS:
-        form = GALORE_OPTIMIZERS[optim][1]
-        for tensor, count in tensors.items():
-            galore = {"rank": rank, "proj_type": proj_type} if tensor.target else {}
-            total += count * expected_state_bytes(
-                tensor.shape, form=form, dtype=tensor.dtype, min_8bit_size=min_8bit_size, **galore
-            )
-        return total
-    kind = PLAIN_OPTIMIZERS[optim]
-    for tensor, count in tensors.items():
-        if kind == "torch_adamw":
-            total += count * (expected_state_bytes(tensor.shape, form="adamw", dtype=tensor.dtype) + _TORCH_STEP_BYTES)
-        elif kind == "bnb_adamw8bit":
-            total += count * expected_state_bytes(tensor.shape, form="adamw8bit", min_8bit_size=_BNB_MIN_8BIT_SIZE)
-        else:
-            total += count * (expected_state_bytes(tensor.shape, form="adafactor") + _ADAFACTOR_RMS_BYTES)
-    if kind == "bnb_adamw8bit" and any(math.prod(t.shape) >= _BNB_MIN_8BIT_SIZE for t in tensors):
-        total += _BNB_QMAP_BYTES
-    return total
+def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM of `config` on the meta device, in `dtype`: every shape and dtype, no memory. A config that is
+    not a causal LM raises a `ValueError` (see `check_causal_lm`)."""
+    from transformers import AutoModelForCausalLM
 
-
-def _refresh_workspace(tensors: Mapping[_Tensor, int], config: GaLoreConfig, rank: int) -> int:
-    """float32 bytes alive during the largest target's basis refresh (one refresh runs at a time).
-
-    exact: `svd(G.float())` holds a float32 G (m×n; torch copies it for LAPACK even when G is float32), U (m×k), S (k)
-    and Vᵀ (k×n), k = min(m, n). randomized: G.float() (a copy only when G is not float32), the sketch and its QR
-    (2·m·l), the Gaussian test matrix, Gᵀ·Q and Qᵀ·G (3·n·l) and the small SVD (l×l), l = min(rank + oversample, m, n).
-    """
-    sizes = [0]
-    for tensor in tensors:
-        if not tensor.target:
-            continue
-        m, n = tensor.shape
-        if config.refresh_method == "exact":
-            k = min(m, n)
-            sizes.append(4 * (m * n + m * k + k + k * n))
-        else:
-            sketch = min(rank + config.oversample, m, n)
-            copy = 0 if tensor.dtype == torch.float32 else m * n
-            sizes.append(4 * (copy + 2 * m * sketch + 3 * n * sketch + sketch * sketch))
-    return max(sizes)
+    check_causal_lm(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _optimizer_setup(
     model: torch.nn.Module, optim: str, target_modules: Any, optim_args: str | Mapping[str, str] | None
-) -> tuple[GaLoreConfig | None, int, list[Any]]:
+) -> tuple[GaLoreConfig | None, int, list[GaLoreTarget]]:
     """GaLore config, min_8bit_size and targets, parsed and validated as the Trainer integration does."""
     from transformers.trainer_optimizer import _parse_optim_args
 
@@ -287,16 +227,147 @@ def _optimizer_setup(
             f"Invalid optim_args={dict(optim_args)!r} with optim={optim!r}: the planner reads optim_args for the "
             f"galore_* optimizers only ({', '.join(GALORE_OPTIMIZERS)})."
         )
-    extra = _EXTRA_OPTIM_ARGS.get(GALORE_OPTIMIZERS[optim][0], {}) if galore else {}
+    extra = _EXTRA_OPTIM_ARGS.get(GALORE_OPTIMIZERS[optim].optimizer_cls, {}) if galore else {}
     config, extras = parse_optim_args(dict(optim_args or {}), extra=extra)
-    min_8bit_size = extras.get("min_8bit_size", _BNB_MIN_8BIT_SIZE)
+    min_8bit_size = extras.get("min_8bit_size", MIN_8BIT_SIZE)
     if isinstance(min_8bit_size, bool) or min_8bit_size < 0:
         raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
     if not galore and target_modules is None:
         return None, min_8bit_size, []
-    form = GALORE_OPTIMIZERS[optim][1] if galore else "adamw"
+    form = GALORE_OPTIMIZERS[optim].form if galore else "adamw"
     targets = select_targets(model, target_modules, optimizer_name=optim, rank=config.rank, form=form)
     return config, min_8bit_size, targets
+
+
+@dataclass
+class _Run:
+    """The run being planned, its model and optimizer resolved; every figure of the plan is a method of it."""
+
+    model_config: Any
+    meta: torch.nn.Module
+    optim: str
+    galore_config: GaLoreConfig | None
+    min_8bit_size: int
+    targets: list[GaLoreTarget]
+    dtype: torch.dtype
+    seq_len: int
+    gradient_checkpointing: bool
+    overhead: int
+    tensors: Counter[TensorKind] = field(init=False)
+
+    def __post_init__(self) -> None:
+        target_ids = {id(t.param) for t in self.targets}
+        self.tensors = Counter(
+            TensorKind(tuple(p.shape), p.dtype, id(p) in target_ids)
+            for p in self.meta.parameters()
+            if p.requires_grad and p.numel()
+        )
+
+    @property
+    def galore(self) -> bool:
+        return self.optim in GALORE_OPTIMIZERS
+
+    @property
+    def layerwise(self) -> bool:
+        return self.galore and GALORE_OPTIMIZERS[self.optim].layerwise
+
+    @property
+    def rank(self) -> int | None:
+        """The configured rank (of the galore_* rows too when a plain optimizer is planned with targets)."""
+        return None if self.galore_config is None else self.galore_config.rank
+
+    @property
+    def weights(self) -> int:
+        return sum(t.numel() * t.dtype.itemsize for t in [*self.meta.parameters(), *self.meta.buffers()])
+
+    @property
+    def gradients_full(self) -> int:
+        return sum(t.nbytes * count for t, count in self.tensors.items())
+
+    @property
+    def gradients_layerwise(self) -> int:
+        return max((t.nbytes for t in self.tensors), default=0)
+
+    @property
+    def gradients(self) -> int:
+        return self.gradients_layerwise if self.layerwise else self.gradients_full
+
+    def state(self, optim: str, rank: int | None = None) -> int:
+        rank = self.rank if rank is None else rank
+        proj_type = "std" if self.galore_config is None else self.galore_config.proj_type
+        return state_bytes(self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size)
+
+    def workspace(self, rank: int | None = None) -> int:
+        return refresh_workspace(self.tensors, self.galore_config, rank or self.rank) if self.galore else 0
+
+    def activations(self, batch_size: int) -> int | None:
+        return activation_bytes(
+            self.model_config,
+            batch_size=batch_size,
+            seq_len=self.seq_len,
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+    def without_activations(self, rank: int | None = None) -> int:
+        """Everything but the activations, at the configured rank or `rank`."""
+        return self.weights + self.gradients + self.state(self.optim, rank) + self.workspace(rank) + self.overhead
+
+
+def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> MemoryPlan:
+    """The breakdown of `run` at `batch_size`, with the state of the compared optimizers beside the chosen one."""
+    compared = [*(_COMPARED_GALORE if run.targets else ()), *_COMPARED_PLAIN]
+    by_optimizer = {name: run.state(name) for name in compared}
+    by_optimizer.setdefault(run.optim, run.state(run.optim))
+    activations = run.activations(batch_size)
+    plan = MemoryPlan(
+        model={
+            "source": label,
+            "architecture": type(run.meta).__name__,
+            "parameters": sum(p.numel() for p in run.meta.parameters()),
+            "trainable_parameters": sum(math.prod(t.shape) * count for t, count in run.tensors.items()),
+            "dtype": str(run.dtype).removeprefix("torch."),
+        },
+        optimizer={
+            "name": run.optim,
+            "layerwise": run.layerwise,
+            "galore": None
+            if run.galore_config is None
+            else {**asdict(run.galore_config), "min_8bit_size": run.min_8bit_size},
+            "target_modules": target_modules,
+            "targets": len(run.targets),
+            "target_parameters": sum(t.param.numel() for t in run.targets),
+        },
+        batch_size=batch_size,
+        seq_len=run.seq_len,
+        gradient_checkpointing=run.gradient_checkpointing,
+        weights=run.weights,
+        gradients=run.gradients,
+        gradients_full=run.gradients_full,
+        gradients_layerwise=run.gradients_layerwise,
+        optimizer_state=by_optimizer[run.optim],
+        refresh_workspace=run.workspace(),
+        activations=activations,
+        overhead=run.overhead,
+        total=run.without_activations() + (activations or 0),
+        state_by_optimizer=by_optimizer,
+    )
+    if activations is None:
+        plan.notes.append(
+            "activations unknown: the config lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size"
+        )
+    return plan
+
+
+def _fit(plan: MemoryPlan, run: _Run, device_bytes: int) -> None:
+    """Fill in whether `plan` fits `device_bytes`, and the largest rank and batch that would."""
+    plan.device_memory = device_bytes
+    plan.fits = plan.total <= device_bytes
+    if run.galore:
+        activations = plan.activations or 0
+        max_rank = max(min(t.shape) for t in run.tensors if t.target)
+        plan.largest_rank = largest_rank(lambda r: run.without_activations(r) + activations, max_rank, device_bytes)
+    plan.largest_batch_size = largest_batch(run.without_activations(), run.activations, device_bytes)
 
 
 def estimate(
@@ -314,8 +385,8 @@ def estimate(
     device_memory: str | int | None = None,
     overhead: str | int = 0,
 ) -> MemoryPlan:
-    """Plan a run's memory from the same flags as training (model source, `--optim*`), dtype and batch/sequence,
-    so a user learns whether it fits before renting the device."""
+    """Plan a causal LM training run's memory from the same flags as training (model source, `--optim*`), dtype and
+    batch/sequence, so a user learns whether it fits before renting the device."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}. Must be an int >= 1.")
@@ -323,102 +394,25 @@ def estimate(
     device_bytes = None if device_memory is None else parse_memory_size(device_memory)
     overhead_bytes = parse_memory_size(overhead)
     model_config, label = load_model_config(preset=preset, config=config, model=model)
+    _check_seq_len(model_config, seq_len)
     meta = build_meta_model(model_config, torch_dtype)
     galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args)
-
-    target_ids = {id(t.param) for t in targets}
-    params = list(meta.parameters())
-    tensors = Counter(
-        _Tensor(tuple(p.shape), p.dtype, id(p) in target_ids) for p in params if p.requires_grad and p.numel()
+    run = _Run(
+        model_config,
+        meta,
+        optim,
+        galore_config,
+        min_8bit_size,
+        targets,
+        torch_dtype,
+        seq_len,
+        gradient_checkpointing,
+        overhead_bytes,
     )
-    weights = sum(p.numel() * p.dtype.itemsize for p in [*params, *meta.buffers()])
-    galore = optim in GALORE_OPTIMIZERS
-    layerwise = galore and GALORE_OPTIMIZERS[optim][2]
-    gradients_full = sum(t.nbytes * count for t, count in tensors.items())
-    gradients_layerwise = max((t.nbytes for t in tensors), default=0)
-    gradients = gradients_layerwise if layerwise else gradients_full
-    configured_rank = galore_config.rank if galore_config is not None else None
-    proj_type = galore_config.proj_type if galore_config is not None else "std"
-
-    def state(name: str, rank: int | None = configured_rank) -> int:
-        return _state_bytes(tensors, name, rank=rank, proj_type=proj_type, min_8bit_size=min_8bit_size)
-
-    def workspace(rank: int | None = configured_rank) -> int:
-        return _refresh_workspace(tensors, galore_config, rank) if galore else 0
-
-    def activations(batch: int = batch_size) -> int | None:
-        return activation_bytes(
-            model_config,
-            batch_size=batch,
-            seq_len=seq_len,
-            dtype=torch_dtype,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-
-    def without_activations(rank: int | None = configured_rank) -> int:
-        return weights + gradients + state(optim, rank) + workspace(rank) + overhead_bytes
-
-    compared = [*(_COMPARED_GALORE if targets else ()), *_COMPARED_PLAIN]
-    by_optimizer = {name: state(name) for name in compared}
-    by_optimizer.setdefault(optim, state(optim))
-    plan = MemoryPlan(
-        model={
-            "source": label,
-            "architecture": type(meta).__name__,
-            "parameters": sum(p.numel() for p in params),
-            "trainable_parameters": sum(math.prod(t.shape) * count for t, count in tensors.items()),
-            "dtype": str(torch_dtype).removeprefix("torch."),
-        },
-        optimizer={
-            "name": optim,
-            "layerwise": layerwise,
-            "galore": None if galore_config is None else {**asdict(galore_config), "min_8bit_size": min_8bit_size},
-            "target_modules": optim_target_modules,
-            "targets": len(targets),
-            "target_parameters": sum(t.param.numel() for t in targets),
-        },
-        batch_size=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        weights=weights,
-        gradients=gradients,
-        gradients_full=gradients_full,
-        gradients_layerwise=gradients_layerwise,
-        optimizer_state=by_optimizer[optim],
-        refresh_workspace=workspace(),
-        activations=activations(),
-        overhead=overhead_bytes,
-        total=without_activations() + (activations() or 0),
-        state_by_optimizer=by_optimizer,
-    )
-    if plan.activations is None:
-        plan.notes.append(
-            "activations unknown: the config lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size"
-        )
-    if device_bytes is None:
-        return plan
-    plan.device_memory = device_bytes
-    plan.fits = plan.total <= device_bytes
-    if galore:  # a linear scan: 8-bit state is not monotone in rank (small tensors keep 32-bit moments)
-        max_rank = max(min(t.shape) for t in tensors if t.target)
-        acts = activations() or 0
-        fitting = [r for r in range(1, max_rank + 1) if without_activations(r) + acts <= device_bytes]
-        plan.largest_rank = max(fitting, default=None)
-    per_sample = activations(1)
-    if per_sample:  # activations grow linearly with the batch
-        batch = max(0, (device_bytes - without_activations()) // per_sample)
-        while batch > 0 and without_activations() + activations(batch) > device_bytes:
-            batch -= 1
-        plan.largest_batch_size = batch
+    plan = _plan(run, label, batch_size, optim_target_modules)
+    if device_bytes is not None:
+        _fit(plan, run, device_bytes)
     return plan
-
-
-def _mib(count: int) -> str:
-    return f"{count / 2**20:,.1f}"
-
-
-def _gib(count: int) -> str:
-    return f"{count / 2**30:,.2f}"
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -440,7 +434,7 @@ def format_plan(plan: MemoryPlan) -> str:
     checkpointing = "with" if plan.gradient_checkpointing else "no"
     lines += [f"batch {plan.batch_size} x sequence {plan.seq_len}, {checkpointing} gradient checkpointing", ""]
     grads = "layer-wise: the largest tensor's" if optimizer["layerwise"] else "full"
-    rows = [
+    figures = [
         (f"weights and buffers ({model['dtype']})", plan.weights),
         (f"gradients ({grads})", plan.gradients),
         ("optimizer state", plan.optimizer_state),
@@ -449,32 +443,28 @@ def format_plan(plan: MemoryPlan) -> str:
         ("overhead (--overhead)", plan.overhead),
         ("total", plan.total),
     ]
-    width = max(len(name) for name, _ in rows)
-    lines.append(f"{'memory':{width}}  {'MiB':>12}  {'GiB':>8}")
-    for name, count in rows:
-        if count is None:
-            lines.append(f"{name:{width}}  {'unknown':>12}  {'':>8}")
-        else:
-            lines.append(f"{name:{width}}  {_mib(count):>12}  {_gib(count):>8}")
+    rows = [(name, "unknown", "") if count is None else (name, mib(count), gib(count)) for name, count in figures]
+    lines.append(format_table(("memory", "MiB", "GiB"), rows, right={1, 2}))
     if plan.device_memory is not None:
         spare = plan.device_memory - plan.total
-        verdict = f"fits, {_gib(spare)} GiB to spare" if plan.fits else f"does NOT fit, {_gib(-spare)} GiB short"
-        lines.append(f"device {plan.device_memory / 1e9:,.2f} GB = {_gib(plan.device_memory)} GiB: {verdict}")
+        verdict = f"fits, {gib(spare)} GiB to spare" if plan.fits else f"does NOT fit, {gib(-spare)} GiB short"
+        lines.append(f"device {plan.device_memory / 1e9:,.2f} GB = {gib(plan.device_memory)} GiB: {verdict}")
         if galore:
             rank = "none" if plan.largest_rank is None else str(plan.largest_rank)
             lines.append(f"largest rank that fits (batch {plan.batch_size}): {rank}")
         if plan.largest_batch_size is not None:
             at = f"rank {optimizer['galore']['rank']}" if galore else optimizer["name"]
             lines.append(f"largest batch that fits ({at}, sequence {plan.seq_len}): {plan.largest_batch_size}")
-    lines += ["", f"{'optimizer state, same parameters':34}  {'MiB':>12}  {'vs adamw_torch':>14}"]
     adamw = plan.state_by_optimizer["adamw_torch"]
     chosen = optimizer["name"].removesuffix("_layerwise")
     chosen = {"adamw_torch_fused": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}.get(chosen, chosen)
-    for name, count in plan.state_by_optimizer.items():
-        if name == optimizer["name"] and name != chosen:
-            continue  # the layer-wise / alias name shares its row with the plain name
-        mark = f"  <- --optim {optimizer['name']}" if name == chosen else ""
-        lines.append(f"{name:34}  {_mib(count):>12}  {count / adamw:>13.1%}{mark}")
+    rows = [
+        (name, mib(count), f"{count / adamw:.1%}", f"<- --optim {optimizer['name']}" if name == chosen else "")
+        for name, count in plan.state_by_optimizer.items()
+        if name != optimizer["name"] or name == chosen  # a layer-wise / alias name shares the plain name's row
+    ]
+    header = ("optimizer state, same parameters", "MiB", "vs adamw_torch", "")
+    lines += ["", format_table(header, rows, right={1, 2}, free_last=True)]
     lines += [
         "",
         "Exact: weights, gradients, optimizer state. Estimates: activations (Korthikanti et al. 2022, per layer",

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .config import ProjType
-from .inner.adamw8bit import quantized_blocks
+from .inner import InnerForm, InnerUpdate, inner_rule
 from .projector import effective_rank, projected_shape, projection_sides
 
-InnerForm = Literal["adamw", "adamw8bit", "adafactor"]
-FLOAT32_BYTES = 4
+__all__ = ["InnerForm", "expected_state_bytes", "optimizer_state_bytes", "peak_memory_mb"]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -38,41 +35,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def _moment_bytes(shape: tuple[int, ...], form: InnerForm, dtype: torch.dtype, min_8bit_size: int, beta1: bool) -> int:
-    numel = math.prod(shape)
-    if form == "adamw":
-        return 2 * numel * dtype.itemsize
-    if form == "adamw8bit":
-        if numel < min_8bit_size:
-            return 2 * numel * FLOAT32_BYTES
-        return 2 * numel + 2 * quantized_blocks(numel) * FLOAT32_BYTES
-    if form == "adafactor":
-        first = numel * FLOAT32_BYTES if beta1 else 0
-        if len(shape) >= 2:
-            rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
-            return first + (rows + cols) * FLOAT32_BYTES
-        return first + numel * FLOAT32_BYTES
-    raise ValueError(f"Invalid {form=}. Must be one of adamw, adamw8bit, adafactor.")
-
-
 def expected_state_bytes(
     shape: tuple[int, ...],
     *,
-    form: InnerForm,
+    form: InnerForm | InnerUpdate,
     dtype: torch.dtype = torch.float32,
     rank: int | None = None,
     proj_type: ProjType = "std",
-    min_8bit_size: int = 4096,
-    adafactor_beta1: bool = False,
+    min_8bit_size: int | None = None,
+    adafactor_beta1: bool | None = None,
 ) -> int:
-    """State bytes for one parameter: moments of the (projected) shape plus, for GaLore, the basis.
+    """State bytes for one parameter: the inner rule's state for the (projected) shape plus, for GaLore, the basis.
 
-    For an m×n GaLore target with `std`: 2·r·max(m, n) moment entries and r·min(m, n) basis entries.
+    `form` is an inner rule (`AdamW8bitUpdate(min_8bit_size=256)`, which knows its own footprint) or its name:
+    `adamw`, `adamw8bit` (with `min_8bit_size`, default 4096) or `adafactor` (with `adafactor_beta1`: whether a first
+    moment is kept). For an m×n GaLore target with `std`: 2·r·max(m, n) moment entries and r·min(m, n) basis entries.
     """
+    options = {"min_8bit_size": min_8bit_size, "adafactor_beta1": adafactor_beta1}
+    given = {key: value for key, value in options.items() if value is not None}
+    if isinstance(form, str):
+        rule = inner_rule(form, **given)
+    elif given:
+        raise ValueError(
+            f"Invalid {', '.join(f'{key}={value!r}' for key, value in given.items())} with form={form!r}: "
+            "configure the rule instance instead, or pass the form by name."
+        )
+    else:
+        rule = form
+    shape = tuple(shape)
     if rank is None:
-        return _moment_bytes(tuple(shape), form, dtype, min_8bit_size, adafactor_beta1)
-    low = projected_shape(tuple(shape), rank, proj_type)
-    left, right = projection_sides(tuple(shape), proj_type)
-    r = effective_rank(tuple(shape), rank)
+        return rule.state_bytes(shape, dtype)
+    left, right = projection_sides(shape, proj_type)
+    r = effective_rank(shape, rank)
     basis_entries = r * shape[0] * left + r * shape[1] * right
-    return _moment_bytes(low, form, dtype, min_8bit_size, adafactor_beta1) + basis_entries * dtype.itemsize
+    return rule.state_bytes(projected_shape(shape, rank, proj_type), dtype) + basis_entries * dtype.itemsize

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from .memory import InnerForm, expected_state_bytes
+from .inner import InnerForm, InnerUpdate
+from .memory import expected_state_bytes
+from .report import format_table, human_bytes
 
 __all__ = ["GaLoreTarget", "format_target_table", "parse_target_modules", "select_targets"]
 
@@ -270,7 +272,7 @@ def select_targets(
     *,
     optimizer_name: str = "GaLore",
     rank: int | None = None,
-    form: InnerForm = "adamw",
+    form: InnerForm | InnerUpdate = "adamw",
     **state_options: Any,
 ) -> list[GaLoreTarget]:
     """Select the weights that get GaLore, in ``model.named_modules()`` order; log the selection once at INFO.
@@ -369,25 +371,18 @@ def select_targets(
     return targets
 
 
-def _human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def format_target_table(
-    targets: Sequence[GaLoreTarget], rank: int | None = None, form: InnerForm = "adamw", **state_options: Any
+    targets: Sequence[GaLoreTarget],
+    rank: int | None = None,
+    form: InnerForm | InnerUpdate = "adamw",
+    **state_options: Any,
 ) -> str:
     """A terminal table, one row per (pattern, shape): module count, abridged names, rank and state bytes.
 
     With ``rank``, the effective rank is ``min(rank, min(shape))`` and the state is what ``expected_state_bytes``
-    gives for the inner ``form`` (fp32 AdamW: ``4 * (2*r*max(m, n) + r*min(m, n))`` bytes per matrix, two moments
-    of the projected gradient plus the basis); the total line compares it with the ``4 * 2*m*n`` bytes
-    full-rank AdamW would keep. Shapes are as stored; ``*`` marks
-    Conv1D weights stored in x out.
+    gives for the inner ``form``, a rule or its name (fp32 AdamW: ``4 * (2*r*max(m, n) + r*min(m, n))`` bytes per
+    matrix, two moments of the projected gradient plus the basis); the total line compares it with the ``4 * 2*m*n``
+    bytes full-rank AdamW would keep. Shapes are as stored; ``*`` marks Conv1D weights stored in x out.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"Invalid {rank=}: expected a positive int or None.")
@@ -397,7 +392,6 @@ def format_target_table(
 
     header = ("pattern", "modules", "shape", "rank", "state bytes", "names")
     rows: list[tuple[str, ...]] = []
-    continuations: list[list[str]] = []
     total_state = 0
     total_entries = 0
     for (pattern, shape, transposed), members in groups.items():
@@ -417,25 +411,15 @@ def format_target_table(
                 names[0],
             )
         )
-        continuations.append(names[1:])
+        rows.extend(("", "", "", "", "", name) for name in names[1:])  # the group's further names, one a line
 
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    right = {1, 3, 4}  # numbers are right-aligned
-
-    def render(row: Sequence[str]) -> str:
-        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        return "  ".join([*cells, row[-1]]).rstrip()
-
-    lines = [render(header), render(["-" * width for width in widths] + ["-----"])]
-    for row, more in zip(rows, continuations, strict=True):
-        lines.append(render(row))
-        lines.extend(render([""] * len(widths) + [name]) for name in more)
+    lines = [format_table(header, rows, right={1, 3, 4}, rule=True, free_last=True)]
     total = f"total: {len(targets)} {'matrix' if len(targets) == 1 else 'matrices'}, {total_entries:,} weights"
     if rank is not None:
         adamw = 4 * 2 * total_entries
         total += (
-            f", GaLore state {total_state:,} bytes ({_human_bytes(total_state)}) "
-            f"vs full-rank AdamW {adamw:,} bytes ({_human_bytes(adamw)})"
+            f", GaLore state {total_state:,} bytes ({human_bytes(total_state)}) "
+            f"vs full-rank AdamW {adamw:,} bytes ({human_bytes(adamw)})"
         )
     lines.append(total)
     if any(target.transposed for target in targets):

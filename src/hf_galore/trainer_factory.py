@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config import parse_optim_args, split_optim_args
+from .inner import MIN_8BIT_SIZE, InnerForm
 from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .targets import select_targets
 
@@ -21,16 +22,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# optim name -> (optimizer class, inner form for memory figures, layer-wise)
-GALORE_OPTIMIZERS: dict[str, tuple[type, str, bool]] = {
-    "galore_adamw": (GaLoreAdamW, "adamw", False),
-    "galore_adamw_8bit": (GaLoreAdamW8bit, "adamw8bit", False),
-    "galore_adafactor": (GaLoreAdafactor, "adafactor", False),
-    "galore_adamw_layerwise": (GaLoreAdamW, "adamw", True),
-    "galore_adamw_8bit_layerwise": (GaLoreAdamW8bit, "adamw8bit", True),
-    "galore_adafactor_layerwise": (GaLoreAdafactor, "adafactor", True),
+
+class GaLoreOptimizerSpec(NamedTuple):
+    """What one `--optim galore_*` name builds; unpacks as `optimizer_cls, form, layerwise`."""
+
+    optimizer_cls: type
+    form: InnerForm  # its inner rule, by the name `hf_galore.inner.inner_rule` builds (memory figures)
+    layerwise: bool
+
+
+GALORE_OPTIMIZERS: dict[str, GaLoreOptimizerSpec] = {
+    "galore_adamw": GaLoreOptimizerSpec(GaLoreAdamW, "adamw", layerwise=False),
+    "galore_adamw_8bit": GaLoreOptimizerSpec(GaLoreAdamW8bit, "adamw8bit", layerwise=False),
+    "galore_adafactor": GaLoreOptimizerSpec(GaLoreAdafactor, "adafactor", layerwise=False),
+    "galore_adamw_layerwise": GaLoreOptimizerSpec(GaLoreAdamW, "adamw", layerwise=True),
+    "galore_adamw_8bit_layerwise": GaLoreOptimizerSpec(GaLoreAdamW8bit, "adamw8bit", layerwise=True),
+    "galore_adafactor_layerwise": GaLoreOptimizerSpec(GaLoreAdafactor, "adafactor", layerwise=True),
 }
-_EXTRA_OPTIM_ARGS = {GaLoreAdamW8bit: {"min_8bit_size": 4096}}
+# `--optim_args` keys an optimizer takes beyond the GaLore ones, with their defaults
+_EXTRA_OPTIM_ARGS: dict[type, dict[str, Any]] = {GaLoreAdamW8bit: {"min_8bit_size": MIN_8BIT_SIZE}}
 
 
 def optim_name(args: TrainingArguments) -> str:

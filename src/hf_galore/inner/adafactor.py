@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .base import FLOAT32_BYTES
+
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 EXP_AVG_SQ_ROW = "exp_avg_sq_row"
@@ -22,7 +24,13 @@ class AdafactorUpdate:
     """Factored second moments for matrices, optional first moment (`beta1`), update clipping, relative steps.
 
     Works in float32 whatever the gradient's dtype, as transformers' Adafactor does.
+
+    `first_moment` serves `state_bytes` only: whether the groups set `beta1`, so a first moment is kept (the update
+    itself reads `group["beta1"]`).
     """
+
+    def __init__(self, *, first_moment: bool = False) -> None:
+        self.first_moment = first_moment
 
     def validate_group(self, group: dict[str, Any]) -> None:
         eps = group["eps"]
@@ -57,6 +65,16 @@ class AdafactorUpdate:
             state[EXP_AVG_SQ_COL] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
         else:
             state[EXP_AVG_SQ] = torch.zeros_like(grad)
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """float32 throughout: row and column second moments for matrices (the full one otherwise), plus the first
+        moment with `first_moment`."""
+        numel = math.prod(shape)
+        first = numel * FLOAT32_BYTES if self.first_moment else 0
+        if len(shape) >= 2:
+            rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+            return first + (rows + cols) * FLOAT32_BYTES
+        return first + numel * FLOAT32_BYTES
 
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         dtype, grad = grad.dtype, grad.float()

@@ -51,6 +51,10 @@ class AdamWUpdate:
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         return group["lr"]
 
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Two moments in the gradient's dtype."""
+        return 2 * math.prod(shape) * dtype.itemsize
+
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         if EXP_AVG not in state:
             self.init_state(grad, state, group)

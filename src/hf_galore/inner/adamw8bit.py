@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .adamw import EXP_AVG, EXP_AVG_SQ, validate_adam_group
+from .base import FLOAT32_BYTES
 
 EXP_AVG_ABSMAX = "exp_avg_absmax"
 EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"
 BLOCKSIZE = 256  # bitsandbytes' block-wise optimizer kernels quantize in blocks of 256 values
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default: tensors with fewer entries keep 32-bit moments
 
 _QMAPS: dict[tuple[bool, torch.device], Tensor] = {}
 
@@ -38,7 +41,7 @@ class AdamW8bitUpdate:
     projected shape with weight decay off (the core applies decoupled decay to the full weight).
     """
 
-    def __init__(self, min_8bit_size: int = 4096) -> None:
+    def __init__(self, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
         self.min_8bit_size = min_8bit_size
@@ -50,6 +53,13 @@ class AdamW8bitUpdate:
 
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
         return group["lr"]
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""
+        numel = math.prod(shape)
+        if numel < self.min_8bit_size:
+            return 2 * numel * FLOAT32_BYTES
+        return 2 * numel + 2 * quantized_blocks(numel) * FLOAT32_BYTES
 
     def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if grad.numel() < self.min_8bit_size:

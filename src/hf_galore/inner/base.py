@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import torch
 from torch import Tensor
+
+InnerForm = Literal["adamw", "adamw8bit", "adafactor"]
+FLOAT32_BYTES = 4
 
 
 class InnerUpdate(Protocol):
     """An optimizer's update rule, applied to a (possibly projected) gradient.
 
     The core owns the parameter, the projection, the step counter and decoupled weight decay; an inner update
-    owns only its moment state, which has the gradient's (projected) shape.
+    owns only its moment state, which has the gradient's (projected) shape, and knows how many bytes it holds.
     """
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -28,3 +32,6 @@ class InnerUpdate(Protocol):
 
         The core never modifies D in place, so D may be a state tensor.
         """
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes of the state `update` allocates for a gradient of `shape` and `dtype` (every tensor it keeps)."""
