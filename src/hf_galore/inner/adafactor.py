@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import FLOAT32_BYTES
+from .base import layout_bytes
 
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
@@ -69,12 +69,7 @@ class AdafactorUpdate:
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """float32 throughout: row and column second moments for matrices (the full one otherwise), plus the first
         moment with `first_moment`."""
-        numel = math.prod(shape)
-        first = numel * FLOAT32_BYTES if self.first_moment else 0
-        if len(shape) >= 2:
-            rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
-            return first + (rows + cols) * FLOAT32_BYTES
-        return first + numel * FLOAT32_BYTES
+        return layout_bytes(self, shape, dtype, group={"beta1": 0.0 if self.first_moment else None})
 
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         dtype, grad = grad.dtype, grad.float()

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .base import layout_bytes
+
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 
@@ -53,7 +55,7 @@ class AdamWUpdate:
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Two moments in the gradient's dtype."""
-        return 2 * math.prod(shape) * dtype.itemsize
+        return layout_bytes(self, shape, dtype, group={})
 
     def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
         if EXP_AVG not in state:

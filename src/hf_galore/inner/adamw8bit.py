@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .adamw import EXP_AVG, EXP_AVG_SQ, validate_adam_group
-from .base import FLOAT32_BYTES
+from .base import layout_bytes
 
 EXP_AVG_ABSMAX = "exp_avg_absmax"
 EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"
@@ -56,10 +55,7 @@ class AdamW8bitUpdate:
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""
-        numel = math.prod(shape)
-        if numel < self.min_8bit_size:
-            return 2 * numel * FLOAT32_BYTES
-        return 2 * numel + 2 * quantized_blocks(numel) * FLOAT32_BYTES
+        return layout_bytes(self, shape, dtype, group={})
 
     def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if grad.numel() < self.min_8bit_size:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 InnerForm = Literal["adamw", "adamw8bit", "adafactor"]
-FLOAT32_BYTES = 4
 
 
 class InnerUpdate(Protocol):
@@ -35,3 +34,13 @@ class InnerUpdate(Protocol):
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes of the state `update` allocates for a gradient of `shape` and `dtype` (every tensor it keeps)."""
+
+
+def layout_bytes(rule: InnerUpdate, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+    """Bytes of the state `rule.init_state` creates for a gradient of `shape` and `dtype`, counted on the meta device.
+
+    Every rule's `state_bytes` is this, so the count can never drift from what the rule allocates.
+    """
+    layout: dict[str, Any] = {}
+    rule.init_state(torch.empty(shape, dtype=dtype, device="meta"), layout, group)
+    return sum(t.numel() * t.element_size() for t in layout.values())
