@@ -25,6 +25,7 @@ from hf_galore.sharding import (
     mean_over_rows,
     project_left,
     row_shard,
+    shard_like,
 )
 
 WORLD = 2
@@ -242,7 +243,10 @@ def _fully_shard_body(rank: int) -> dict:
         assert (shard.offset, tuple(local_tensor(grad).shape)) == (offset[0], tuple(local_shape)), name
         found[name] = {"offset": shard.offset, "rows": shard.global_rows, "grad": local_tensor(grad).clone()}
         if grad.dim() == 2:
-            found[name]["right"] = compute_bases(local_tensor(grad), 2, "right", "randomized", shard=shard)[1]
+            right = compute_bases(local_tensor(grad), 2, "right", "randomized", shard=shard)[1]
+            found[name]["right"] = right
+            moment = shard_like(local_tensor(grad) @ right.T, param)  # a projected moment, sharded like the weight
+            found[name]["moment"] = moment.full_tensor()
     return found
 
 
@@ -259,5 +263,41 @@ def test_fully_shard_gradients_are_row_blocks_at_the_offsets_row_shard_gives(tmp
             if param.dim() == 2:
                 expected = randomized_right_basis(param.grad, 2, oversample=8, power_iters=2, seed=0)
                 torch.testing.assert_close(got["right"], expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(got["moment"], param.grad @ expected.T, atol=1e-5, rtol=1e-5)
     assert results[1]["4.weight"]["grad"].shape == (0, 5)  # FSDP2's empty shard: no rows, columns kept
     assert sum(found["0.weight"]["grad"].shape[0] for found in results) == 7
+
+
+def _accumulation_hook_body(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
+    model = _Twin()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fired: list[tuple[int, str, torch.Tensor]] = []
+    names = {param: name for name, param in model.named_parameters()}
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(
+            lambda p: fired.append((micro, names[p], local_tensor(p.grad).clone()))
+        )
+    for micro in range(2):  # this rank's two micro-batches; FSDP2 reduces only on the last one
+        model.set_requires_gradient_sync(micro == 1)
+        model(_twin_inputs()[2 * rank + micro :][:1]).square().sum().backward()
+    return {"fired": fired, "offsets": {name: row_shard(p).offset for name, p in model.named_parameters()}}
+
+
+def test_fsdp2_fires_post_accumulate_grad_hooks_once_with_the_reduced_accumulated_shard(tmp_path):
+    results = run_on_ranks(tmp_path, _accumulation_hook_body)
+    twin = _Twin()
+    for row in range(4):  # both ranks' micro-batches; FSDP2 averages over ranks
+        twin(_twin_inputs()[row:][:1]).square().sum().backward()
+    expected = {name: param.grad / WORLD for name, param in twin.named_parameters()}
+    for res in results:
+        assert sorted(name for _, name, _ in res["fired"]) == sorted(expected)  # each parameter once
+        assert {micro for micro, _, _ in res["fired"]} == {1}  # not on the micro-batch without sync
+        for _, name, grad in res["fired"]:
+            offset = res["offsets"][name]
+            torch.testing.assert_close(grad, expected[name][offset : offset + grad.shape[0]], atol=1e-6, rtol=1e-5)

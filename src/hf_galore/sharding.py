@@ -54,6 +54,7 @@ __all__ = [
     "mean_over_rows",
     "project_left",
     "row_shard",
+    "shard_like",
     "world_size",
 ]
 
@@ -98,6 +99,24 @@ def row_shard(tensor: Tensor) -> RowShard | None:
     mesh_dim = sharded[0]
     _, offset = Shard.local_shard_size_and_offset(tensor.shape[0], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
     return RowShard(offset=int(offset), global_rows=tensor.shape[0], group=mesh.get_group(mesh_dim))
+
+
+def shard_like(local: Tensor, param: Tensor) -> Tensor:
+    """`local` (this rank's rows of an m×c state tensor, e.g. a moment of the projected gradient) as a DTensor laid
+    out like the row-sharded `param` (same mesh and placements, global shape (m, c)); `local` itself when `param`
+    is not a DTensor.
+
+    Keep the row-sharded optimizer state as DTensors: torch.distributed.checkpoint treats a plain tensor as
+    replicated and saves one rank's copy (the others' rows are lost, or loading fails on uneven shapes), while
+    DTensor state reshards on load, to another world size too. Replicated bases and plain ints survive as they are.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return local
+    shape = (param.shape[0], *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride)
 
 
 def world_size(shard: RowShard | None) -> int:
