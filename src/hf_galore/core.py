@@ -33,6 +33,7 @@ from .projector import (
     subspace_overlap,
 )
 from .schedule import schedule_after_refresh, stagger_offsets
+from .sharding import RowShard, global_sum, local_tensor, row_shard, shard_like
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._layerwise_hooks: list[Any] = []
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
+        self._norm_shard: RowShard | None = None
         self._names = {id(p): name for p, name in (param_names or {}).items()}
         if galore_params is not None:
             params = split_galore_groups(params, galore_params, as_galore_config(galore_config))
@@ -255,7 +257,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if param.grad is None or not self._should_step():
             return
         with torch.no_grad():
-            self._layerwise_sq_norm = self._layerwise_sq_norm + param.grad.float().square().sum()
+            self._norm_shard = self._norm_shard or row_shard(param)  # sharded squares are summed over ranks in step()
+            self._layerwise_sq_norm = self._layerwise_sq_norm + local_tensor(param.grad).float().square().sum()
             self._update_parameter(param, self.param_groups[group_index])
         param.grad = None
 
@@ -306,7 +309,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:  # the hooks have updated (and freed) every gradient of this step by now
-            self.last_grad_norm = float(torch.as_tensor(self._layerwise_sq_norm).sqrt())
+            squares = torch.as_tensor(self._layerwise_sq_norm, dtype=torch.float32)
+            self.last_grad_norm = float(global_sum(squares, self._norm_shard).sqrt())
             self._layerwise_sq_norm = 0.0
         for group in self.param_groups:
             for param in group["params"]:
@@ -316,35 +320,62 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update_parameter(self, param: Tensor, group: dict[str, Any]) -> None:
-        grad = param.grad
-        if grad.is_sparse:
+        """One parameter's update. Under FSDP2 (a `Shard(0)` DTensor) it works on the local rows (see `sharding`)."""
+        if param.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         if param.is_meta:
             raise RuntimeError(
                 f"{type(self).__name__} cannot update {self.param_name(param)}: it is on the meta device (no data). "
                 "Materialize the model (load its weights, or `to_empty()` and initialise) before training."
             )
-        if not bool(torch.isfinite(grad).all()):
-            self._skip(param)
-            return
-        state = self.state[param]
+        shard = row_shard(param)
+        weight, grad = local_tensor(param), local_tensor(param.grad)
+        state = self.state[param] if param in self.state else {}  # a skipped first update leaves no state
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
+        clock = step if self._refresh_clock is None else self._refresh_clock
+        refresh_due = galore and (NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH])
+        if not self._gradient_is_finite(grad, shard, agree=refresh_due):
+            self._skip(param)
+            if shard is not None and not refresh_due:
+                state[STEP] = step + 1  # every rank keeps the same step count, so refreshes stay in lockstep
+                self.state[param] = state
+            return
+        self.state[param] = state
+        moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
         if galore:
-            clock = step if self._refresh_clock is None else self._refresh_clock
-            if NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH]:
-                self._refresh(param, state, group, clock)
+            proj_type = sharded_proj_type(group["proj_type"], tuple(param.shape), self.param_name(param), shard)
+            if refresh_due:
+                self._refresh(param, grad, state, group, clock, proj_type, shard)
             grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1
         state[STEP] = step
-        lr = self.inner.learning_rate(group, step, param)
-        delta = self.inner.update(grad, state, group, step, lr)
+        lr = self.inner.learning_rate(group, step, weight, shard=shard)
+        delta = self.inner.update(grad, moments, group, step, lr, shard=shard)
+        if shard is not None:
+            self._keep_sharded(param, state, moments)
         if group["weight_decay"] != 0:
-            param.mul_(1.0 - lr * group["weight_decay"])
+            weight.mul_(1.0 - lr * group["weight_decay"])
         if galore:
-            add_projected_back_(param, delta, state.get(LEFT_BASIS), state.get(RIGHT_BASIS), alpha=-group["scale"])
+            add_projected_back_(weight, delta, state.get(LEFT_BASIS), state.get(RIGHT_BASIS), alpha=-group["scale"])
         else:
-            param.sub_(delta)
+            weight.sub_(delta)
+
+    @staticmethod
+    def _gradient_is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
+        """Whether `grad` has no NaN/inf. Sharded, each rank judges its own rows, except where the ranks must
+        agree (a refresh, whose collectives every rank joins): then one float is all-reduced."""
+        finite = torch.isfinite(grad).all()
+        if shard is not None and agree:
+            finite = global_sum((~finite).float(), shard) == 0
+        return bool(finite)
+
+    def _keep_sharded(self, param: Tensor, state: dict[str, Any], moments: dict[str, Any]) -> None:
+        """Store moments the rule just created: per-row ones as DTensors sharded like `param` (so distributed
+        checkpoints save every rank's rows), replicated ones as they are."""
+        for key in moments.keys() - state.keys():
+            value = moments[key]
+            state[key] = shard_like(value, param) if key in self.inner.row_wise_state else value
 
     def _skip(self, param: Tensor) -> None:
         self._skipped.append(self.param_name(param))
@@ -368,16 +399,25 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     # ---- basis refresh ----------------------------------------------------------------------------------------
 
-    def _refresh(self, param: Tensor, state: dict[str, Any], group: dict[str, Any], clock: int) -> None:
+    def _refresh(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        clock: int,
+        proj_type: str,
+        shard: RowShard | None,
+    ) -> None:
         """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule)."""
         start = time.perf_counter()
-        bases, problem = self._new_bases(param.grad, group, seed=clock)
+        bases, problem = self._new_bases(grad, group, proj_type, shard, seed=clock)
         old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         if problem is not None:
             action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
             warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
             if old == (None, None):
-                bases = identity_bases(tuple(param.shape), group["rank"], group["proj_type"], like=param.grad)
+                bases = identity_bases(tuple(param.shape), group["rank"], proj_type, like=grad)
         overlap = self._record_refresh(old, bases, time.perf_counter() - start)
         for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
             if basis is not None:
@@ -397,7 +437,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         state[REFRESH_INTERVAL] = interval
 
     def _new_bases(
-        self, grad: Tensor, group: dict[str, Any], seed: int
+        self, grad: Tensor, group: dict[str, Any], proj_type: str, shard: RowShard | None, seed: int
     ) -> tuple[tuple[Tensor | None, Tensor | None], str | None]:
         """The bases of `grad`'s top-r subspace, or (None, None) and what went wrong (the SVD failed or is not finite).
 
@@ -407,11 +447,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             bases = compute_bases(
                 grad,
                 group["rank"],
-                group["proj_type"],
+                proj_type,
                 group["refresh_method"],
                 oversample=group["oversample"],
                 power_iters=group["power_iters"],
                 seed=seed,
+                shard=shard,
             )
         except torch.linalg.LinAlgError as err:
             return (None, None), f"the SVD failed ({err})"
@@ -535,11 +576,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only)."""
         shape = tuple(param.shape)
         if is_galore_group(group):
-            shape = projected_shape(shape, group["rank"], group["proj_type"])
+            proj_type = sharded_proj_type(group["proj_type"], shape, self.param_name(param), row_shard(param))
+            shape = projected_shape(shape, group["rank"], proj_type)
         layout: dict[str, Tensor] = {}
         self.inner.init_state(torch.empty(shape, dtype=param.dtype, device="meta"), layout, group)
         if is_galore_group(group):
-            left, right = projection_sides(tuple(param.shape), group["proj_type"])
+            left, right = projection_sides(tuple(param.shape), proj_type)
             r = effective_rank(tuple(param.shape), group["rank"])
             if left:
                 layout[LEFT_BASIS] = torch.empty(param.shape[0], r, dtype=param.dtype, device="meta")
@@ -561,6 +603,21 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             group.update(kept)
             if changes:
                 logger.info("Resumed param group %d with the settings given now: %s.", index, ", ".join(changes))
+
+
+def sharded_proj_type(proj_type: str, shape: tuple[int, int], name: str, shard: RowShard | None) -> str:
+    """The projection a weight gets. Row-sharded (FSDP2), `std` projects from the right: the basis (r×n) is
+    replicated, the projection and the moments stay on each rank's rows, and no collective runs between refreshes.
+    A left projection would need an all-reduce of r×n every step, so it is refused there."""
+    if shard is None:
+        return proj_type
+    if proj_type in ("std", "right") or (proj_type == "reverse_std" and shape[0] < shape[1]):
+        return "right"
+    raise ValueError(
+        f"Invalid proj_type={proj_type!r} for {name}, row-sharded by FSDP2: it projects from the left, which would "
+        "need an all-reduce of rank×columns values every step. Use proj_type='std' (sharded weights are then "
+        "projected from the right) or 'right'."
+    )
 
 
 def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:

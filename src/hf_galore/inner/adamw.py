@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sharding import RowShard
 from .base import layout_bytes
 
 EXP_AVG = "exp_avg"
@@ -41,6 +42,8 @@ def adam_direction(
 class AdamWUpdate:
     """Adam on full-precision moments; with weight decay in the core it is exactly torch.optim.AdamW."""
 
+    row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ})  # element-wise moments: sharded with the parameter's rows
+
     def validate_group(self, group: dict[str, Any]) -> None:
         validate_adam_group(group)
         if group.get("amsgrad", False):
@@ -50,14 +53,22 @@ class AdamWUpdate:
         state[EXP_AVG] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         state[EXP_AVG_SQ] = torch.zeros_like(grad, memory_format=torch.preserve_format)
 
-    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
+    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Two moments in the gradient's dtype."""
         return layout_bytes(self, shape, dtype, group={})
 
-    def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
+    def update(
+        self,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        lr: float,
+        shard: RowShard | None = None,
+    ) -> Tensor:
         if EXP_AVG not in state:
             self.init_state(grad, state, group)
         beta1, beta2 = group["betas"]

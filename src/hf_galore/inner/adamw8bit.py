@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sharding import RowShard
 from .adamw import EXP_AVG, EXP_AVG_SQ, validate_adam_group
 from .base import layout_bytes
 
@@ -40,6 +41,10 @@ class AdamW8bitUpdate:
     projected shape with weight decay off (the core applies decoupled decay to the full weight).
     """
 
+    # The 8-bit moments have the gradient's shape and shard with its rows; the block constants are per rank (blocks
+    # of the local rows), so a distributed checkpoint of them reloads only at the same world size.
+    row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ})
+
     def __init__(self, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
@@ -50,7 +55,7 @@ class AdamW8bitUpdate:
         if group.get("amsgrad", False):
             raise ValueError("GaLoreAdamW8bit does not support amsgrad=True.")
 
-    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
+    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -68,7 +73,15 @@ class AdamW8bitUpdate:
         state[EXP_AVG_ABSMAX] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
         state[EXP_AVG_SQ_ABSMAX] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
 
-    def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
+    def update(
+        self,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        lr: float,
+        shard: RowShard | None = None,
+    ) -> Tensor:
         import bitsandbytes.functional as bnbf
 
         if EXP_AVG not in state:

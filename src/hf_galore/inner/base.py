@@ -7,6 +7,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from ..sharding import RowShard
+
 InnerForm = Literal["adamw", "adamw8bit", "adafactor"]
 
 
@@ -17,17 +19,31 @@ class InnerUpdate(Protocol):
     owns only its moment state, which has the gradient's (projected) shape, and knows how many bytes it holds.
     """
 
+    row_wise_state: frozenset[str]
+    """State keys laid out along the gradient's rows: under FSDP2 they are kept sharded like the parameter."""
+
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise a `ValueError` naming any hyper-parameter of `group` this rule cannot use."""
 
     def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create this rule's zeroed moments for a gradient like `grad` (also on the meta device: the layout)."""
 
-    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor) -> float:
+    def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         """The step size for this update (`step` counts this update, starting at 1)."""
 
-    def update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lr: float) -> Tensor:
+    def update(
+        self,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        lr: float,
+        shard: RowShard | None = None,
+    ) -> Tensor:
         """Advance the moments in `state` with `grad` and return the delta D to subtract: x ← x − D.
+
+        With `shard`, `grad`, `param` and the moments are one rank's rows of a row-sharded tensor (FSDP2): a rule
+        whose maths spans rows reduces over `shard` (see `hf_galore.sharding`).
 
         The core never modifies D in place, so D may be a state tensor.
         """
