@@ -26,10 +26,10 @@ class AdafactorUpdate:
     Works in float32 whatever the gradient's dtype, as transformers' Adafactor does.
 
     `first_moment` serves `state_bytes` only: whether the groups set `beta1`, so a first moment is kept (the update
-    itself reads `group["beta1"]`).
+    itself reads `group["beta1"]`, per group). Left None, as the optimizer leaves it, `state_bytes` refuses to guess.
     """
 
-    def __init__(self, *, first_moment: bool = False) -> None:
+    def __init__(self, *, first_moment: bool | None = None) -> None:
         self.first_moment = first_moment
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -59,6 +59,11 @@ class AdafactorUpdate:
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """float32 throughout: row and column second moments for matrices (the full one otherwise), plus the first
         moment with `first_moment`."""
+        if self.first_moment is None:
+            raise ValueError(
+                "Invalid first_moment=None for state_bytes: the state depends on beta1. Count with "
+                "AdafactorUpdate(first_moment=True) when the groups set beta1, else first_moment=False."
+            )
         numel = math.prod(shape)
         first = numel * FLOAT32_BYTES if self.first_moment else 0
         if len(shape) >= 2:
