@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
+import hf_galore_cli
 from hf_galore.__main__ import USAGE, dispatch
 from hf_galore.cli import main
+from hf_galore.estimate import PLAIN_OPTIMIZERS
+from hf_galore.presets import PRESETS
+from hf_galore.trainer_factory import GALORE_OPTIMIZERS
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 OPTIMIZER_LINE = "optimizer: hf_galore.optimizers.GaLoreAdamW8bit"
@@ -128,6 +132,28 @@ def test_help(argv, expected, capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert all(text in out for text in expected), out
+
+
+def test_help_imports_neither_torch_nor_the_package():
+    """The console script's module answers --help with the standard library alone (hf_galore's __init__ registers
+    with transformers, seconds of imports)."""
+    code = (
+        "import sys, hf_galore_cli\n"
+        "for argv in (['--help'], ['run', '--help'], ['estimate', '--help']):\n"
+        "    try:\n"
+        "        hf_galore_cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'hf_galore') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_help_lists_the_planner_own_names():
+    assert hf_galore_cli.ESTIMATE_OPTIMIZERS == (*GALORE_OPTIMIZERS, *PLAIN_OPTIMIZERS)
+    assert hf_galore_cli.PRESET_NAMES == tuple(PRESETS)
 
 
 def test_subcommand_is_required(capsys):

@@ -85,7 +85,9 @@ def test_each_rule_counts_its_own_state_as_the_named_form():
     assert AdamW8bitUpdate(min_8bit_size=256).state_bytes((8, 64), torch.float32) == 2 * 512 + 2 * 4 * 2
     assert AdamW8bitUpdate().state_bytes((8, 64), torch.float32) == 2 * 4 * 512
     assert AdamWUpdate().state_bytes((8, 64), torch.bfloat16) == 2 * 2 * 512
-    assert AdafactorUpdate().state_bytes((8, 64), torch.bfloat16) == 4 * (8 + 64)
+    assert AdafactorUpdate(first_moment=False).state_bytes((8, 64), torch.bfloat16) == 4 * (8 + 64)
+    with pytest.raises(ValueError, match="Invalid first_moment=None for state_bytes: the state depends on beta1"):
+        AdafactorUpdate().state_bytes((8, 64), torch.float32)  # as the optimizer builds it: beta1 is per group
 
 
 def test_options_for_a_rule_instance_are_refused():

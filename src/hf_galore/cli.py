@@ -1,13 +1,18 @@
-"""`hf-galore`: a small dispatcher; each subcommand module adds its parser (accelerate's CLI layout)."""
+"""Running a training script with hf_galore registered (`hf-galore run`, `python -m hf_galore`).
+
+The `hf-galore` dispatcher and its parsers live in the top-level module `hf_galore_cli`, so that `--help` imports
+neither torch nor transformers; `main` is re-exported here for `python -m hf_galore.cli` and older entry points.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import runpy
 import sys
 
-from .estimate import estimate_command_parser
+from hf_galore_cli import main
+
+__all__ = ["main", "run_script"]
 
 
 def run_script(target: str, script_args: list[str], *, module: bool = False) -> None:
@@ -24,27 +29,6 @@ def run_script(target: str, script_args: list[str], *, module: bool = False) -> 
     sys.argv = [target, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     runpy.run_path(target, run_name="__main__")
-
-
-def run_command_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "run",
-        help="run a Hugging Face training script with --optim galore_* served by hf_galore",
-        description="Run SCRIPT.py (or -m MODULE) with hf_galore registered; ARGS go to the script unchanged.",
-    )
-    parser.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as python -m")
-    parser.add_argument("target", metavar="SCRIPT.py|MODULE")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS")
-    parser.set_defaults(func=lambda args: run_script(args.target, args.script_args, module=args.module))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hf-galore", description="GaLore for Hugging Face training scripts.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    run_command_parser(subparsers)
-    estimate_command_parser(subparsers)
-    args = parser.parse_args(argv)
-    args.func(args)
 
 
 if __name__ == "__main__":

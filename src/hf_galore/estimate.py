@@ -10,11 +10,11 @@ Not counted: the CUDA context, allocator fragmentation and kernel temporaries (a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
+from argparse import Namespace
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,7 +33,7 @@ from .planner import (
     refresh_workspace,
     state_bytes,
 )
-from .presets import PRESETS, preset_config
+from .presets import preset_config
 from .report import format_table, gib, mib
 from .targets import GaLoreTarget, select_targets
 from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
@@ -46,7 +46,7 @@ __all__ = [
     "build_meta_model",
     "check_causal_lm",
     "estimate",
-    "estimate_command_parser",
+    "run_estimate",
     "format_plan",
     "load_model_config",
     "parse_memory_size",
@@ -475,17 +475,7 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def _flag(text: str) -> bool:
-    """`--gradient_checkpointing` alone, or with true/false as the Trainer's parser accepts."""
-    value = text.lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"Invalid boolean {text!r}. Must be true or false.")
-
-
-def run_estimate(args: argparse.Namespace) -> None:
+def run_estimate(args: Namespace) -> None:
     """Run the planner for the parsed flags; print the table (or JSON only); bad input exits with the reason."""
     try:
         plan = estimate(
@@ -505,46 +495,3 @@ def run_estimate(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as error:
         raise SystemExit(f"hf-galore estimate: error: {error}") from None
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
-
-
-def estimate_command_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add `hf-galore estimate`; it takes the training flags `--optim`, `--optim_target_modules`, `--optim_args`."""
-    parser = subparsers.add_parser(
-        "estimate",
-        help="plan the memory of a training run (weights, gradients, optimizer state, activations) offline",
-        description="Plan a run's memory on the meta device (no weights loaded). Paste your training flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help=f"a named config: {', '.join(PRESETS)}")
-    source.add_argument("--config", metavar="PATH", help="a local config.json, or a folder holding one")
-    source.add_argument("--model", metavar="ID", help="a model id or folder (a hub id needs the network or the cache)")
-    accepted = ", ".join([*GALORE_OPTIMIZERS, *PLAIN_OPTIMIZERS])
-    parser.add_argument("--optim", default="adamw_torch_fused", help=f"as in training; one of {accepted}")
-    parser.add_argument(
-        "--optim_target_modules", "--optim-target-modules", metavar="SPEC", help="as in training, e.g. attn,mlp"
-    )
-    parser.add_argument("--optim_args", "--optim-args", metavar="K=V,...", help="as in training, e.g. rank=128")
-    parser.add_argument(
-        "--dtype", default="float32", help="of weights, gradients and moments: float32, bfloat16, float16"
-    )
-    parser.add_argument(
-        "--batch-size", "--batch_size", "--per_device_train_batch_size", type=int, default=1, help="samples per step"
-    )
-    parser.add_argument("--seq-len", "--seq_len", "--max_length", type=int, default=256, help="tokens per sample")
-    parser.add_argument(
-        "--gradient-checkpointing",
-        "--gradient_checkpointing",
-        nargs="?",
-        const=True,
-        default=False,
-        type=_flag,
-        metavar="BOOL",
-        help="estimate activations with checkpointing (alone, or true/false)",
-    )
-    parser.add_argument(
-        "--device-memory", "--device_memory", metavar="SIZE", help="device size: 24GB, 24GiB, 80G or bytes"
-    )
-    parser.add_argument("--overhead", default="0", metavar="SIZE", help="added to the total (CUDA context, slack)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
-    parser.set_defaults(func=run_estimate)

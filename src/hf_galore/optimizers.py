@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .core import GaLoreOptimizer
-from .inner import AdafactorUpdate, AdamW8bitUpdate, AdamWUpdate
+from .inner import MIN_8BIT_SIZE, AdafactorUpdate, AdamW8bitUpdate, AdamWUpdate
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -42,7 +42,7 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        min_8bit_size: int = 4096,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         **galore: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}

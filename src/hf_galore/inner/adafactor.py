@@ -30,13 +30,13 @@ class AdafactorUpdate:
     the weight's RMS) are reduced over the ranks, so every rank applies what one process would.
 
     `first_moment` serves `state_bytes` only: whether the groups set `beta1`, so a first moment is kept (the update
-    itself reads `group["beta1"]`).
+    itself reads `group["beta1"]`, per group). Left None, as the optimizer leaves it, `state_bytes` refuses to guess.
     """
 
     # Per-row state, sharded with a row-sharded parameter; the column statistic is the same on every rank.
     row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_ROW})
 
-    def __init__(self, *, first_moment: bool = False) -> None:
+    def __init__(self, *, first_moment: bool | None = None) -> None:
         self.first_moment = first_moment
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -76,6 +76,11 @@ class AdafactorUpdate:
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """float32 throughout: row and column second moments for matrices (the full one otherwise), plus the first
         moment with `first_moment`."""
+        if self.first_moment is None:
+            raise ValueError(
+                "Invalid first_moment=None for state_bytes: the state depends on beta1. Count with "
+                "AdafactorUpdate(first_moment=True) when the groups set beta1, else first_moment=False."
+            )
         return layout_bytes(self, shape, dtype, group={"beta1": 0.0 if self.first_moment else None})
 
     def update(
