@@ -9,8 +9,8 @@ What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + ove
 
 - right projection R_i = G_i Qᵀ and its back-projection N_i Q, with Q (r×n) replicated: local, no collective;
   moments are row-sharded like the weight.
-- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k plus one
-  all-gather of W·k×k (TSQR) — O(n·k) bytes, never m×n.
+- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k, one
+  all-gather of W·k×k (TSQR) and one all-reduce of n×r — O(n·k) bytes, never m×n.
 - exact refresh (`gather_rows`): one all-gather of the m×n gradient (padded to W·⌈m/W⌉ rows), then the same full
   SVD on every rank.
 - left projection (`project_left`): Pᵀ G = Σ_i P_iᵀ G_i, an all-reduce of r×n every step, P row-sharded;
