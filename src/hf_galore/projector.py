@@ -56,12 +56,15 @@ def randomized_right_basis(
     Ω is the same m×k Gaussian on every rank (k = rank + oversample, at most min(m, n); drawn whole from a generator
     seeded by `seed`, each rank keeping its rows); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y));
     Q = orth(Y) (n×k). Then the small SVD of B = G Q (m×k) by TSQR: each rank's R_i of B_i, stacked and reduced to one
-    k×k R (diagonal made non-negative, so it does not depend on how B was split), svd(R) = U S Vsᵀ, and the basis is
-    (Q Vs[:, :r])ᵀ, each row's sign chosen so that its largest entry is positive.
+    k×k R (diagonal made non-negative, so it does not depend on how B was split), svd(R) = U S Vsᵀ. Last, one more
+    half power step on the r Ritz directions: the basis is orth(Gᵀ B Vs[:, :r])ᵀ = orth(GᵀG Q Vs[:, :r])ᵀ, each row's
+    sign chosen so that its largest entry is positive. Sketching the row space directly would otherwise lose half a
+    power iteration against sketching the column space (whose final Qᵀ G pass carries one); with this step it
+    captures as much energy as that, or more, for one extra pass over G with r columns.
 
-    Collectives (sharded only): 1 + power_iters all-reduces of n×k and one all-gather of W·k×k; their results are
-    identical on every rank, so is the basis. Costs O(m·n·k) flops instead of the full SVD's O(m·n·min(m, n)); the
-    generator leaves the global RNG (dropout, data order) untouched.
+    Collectives (sharded only): 1 + power_iters all-reduces of n×k, one all-gather of W·k×k and one all-reduce of
+    n×r; their results are identical on every rank, so is the basis. Costs O(m·n·k) flops instead of the full SVD's
+    O(m·n·min(m, n)); the generator leaves the global RNG (dropout, data order) untouched.
     """
     local_count, cols = local_rows.shape
     rows = local_count if shard is None else shard.global_rows
@@ -76,14 +79,14 @@ def randomized_right_basis(
         q, _ = torch.linalg.qr(sketch)
         sketch = global_sum(matrix.T @ (matrix @ q), shard)
     q, _ = torch.linalg.qr(sketch)
-    r_factor = _r_factor(matrix @ q, k)
+    small = matrix @ q
+    r_factor = _r_factor(small, k)
     if world_size(shard) > 1:
         r_factor = _r_factor(all_gather_stacked(r_factor, shard), k)
     _, _, vh = torch.linalg.svd(r_factor)
-    basis = vh[:rank] @ q.T
-    # An SVD fixes each singular vector up to sign, and LAPACK's choice can flip between two R equal to float error
-    # (it does when R is nearly block-diagonal): make each row's largest entry positive, so shards and one process
-    # agree.
+    basis = torch.linalg.qr(global_sum(matrix.T @ (small @ vh[:rank].T), shard)).Q.T
+    # Each direction is fixed up to sign, and LAPACK's choice can flip between two inputs equal to float error (it
+    # does when R is nearly block-diagonal): make each row's largest entry positive, so shards and one process agree.
     largest = basis.gather(1, basis.abs().argmax(dim=1, keepdim=True))
     return basis * torch.where(largest < 0, -1.0, 1.0)
 

@@ -9,8 +9,8 @@ What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + ove
 
 - right projection R_i = G_i Qᵀ and its back-projection N_i Q, with Q (r×n) replicated: local, no collective;
   moments are row-sharded like the weight.
-- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k plus one
-  all-gather of W·k×k (TSQR) — O(n·k) bytes, never m×n.
+- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k, one
+  all-gather of W·k×k (TSQR) and one all-reduce of n×r — O(n·k) bytes, never m×n.
 - exact refresh (`gather_rows`): one all-gather of the m×n gradient (padded to W·⌈m/W⌉ rows), then the same full
   SVD on every rank.
 - left projection (`project_left`): Pᵀ G = Σ_i P_iᵀ G_i, an all-reduce of r×n every step, P row-sharded;
@@ -19,8 +19,9 @@ What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + ove
   the row statistic's mean, the update's RMS and (with `scale_parameter`) the weight's RMS need one float each
   (`mean_over_rows`, `global_mean`, `global_rms`).
 - 8-bit Adam: bitsandbytes quantises the local shard in blocks of 256 values, no collective. The block boundaries
-  match an unsharded run only when every shard's numel is a multiple of 256, so 8-bit parity with one process is
-  to quantisation tolerance, not float error.
+  match an unsharded run only when every shard but the last holds a multiple of 256 values, so 8-bit parity with
+  one process is to quantisation tolerance, not float error. Choose 8-bit vs 32-bit state (`min_8bit_size`) from
+  the global numel, not the shard's, or ranks (and an empty shard) disagree on the state's dtype.
 
 Decisions that must agree on every rank must use replicated values: a non-finite check on the local shard alone
 can make one rank skip a refresh while the others wait in its all-reduce. The bases are computed from all-reduced
