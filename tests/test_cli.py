@@ -195,8 +195,8 @@ def test_layerwise_under_ddp_is_refused(tmp_path):
     result = _train([*TORCHRUN_2, "-m", "hf_galore"], tmp_path, optim="galore_adamw_layerwise")
     assert result.returncode != 0
     assert (
-        "NotImplementedError: --optim galore_adamw_layerwise does not support multi-process training: a layer-wise "
-        "update would run before DDP averages that gradient. Use --optim galore_adamw under DDP." in result.stderr
+        "NotImplementedError: --optim galore_adamw_layerwise does not support DDP: a layer-wise update would run "
+        "before DDP averages that gradient. Use --optim galore_adamw under DDP, or shard with FSDP2" in result.stderr
     )
 
 

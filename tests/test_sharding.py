@@ -5,14 +5,10 @@ Each test spawns its own 2 ranks (`run_on_ranks`), which save what they computed
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import WORLD, run_on_ranks
 
 from hf_galore.inner.adafactor import AdafactorUpdate
 from hf_galore.projector import add_projected_back_, compute_bases, project, randomized_right_basis
@@ -27,39 +23,6 @@ from hf_galore.sharding import (
     row_shard,
     shard_like,
 )
-
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: Path, body, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
-    try:
-        torch.save(body(rank, *args), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_ranks(tmp_path: Path, body, *args) -> list:
-    """Run `body(rank, *args)` on WORLD gloo ranks and return what each rank returned (tensors and plain values).
-
-    A fork server that has imported torch and hf_galore starts the ranks: a fresh interpreter per rank would import
-    transformers (through hf_galore) every time, and fork from the test process is unsafe once it has used OpenMP.
-    (Python 3.11's fork server ignores the parent's sys.path, so it cannot preload this test module itself.)
-    """
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "hf_galore", "pytest"])
-    mp.start_processes(
-        _worker, args=(_free_port(), tmp_path, body, args), nprocs=WORLD, join=True, start_method="forkserver"
-    )
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 def _matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import hf_galore
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes
 from hf_galore.callback import GaLoreCallback
-from hf_galore.trainer_factory import GALORE_OPTIMIZERS, check_supported
+from hf_galore.trainer_factory import GALORE_OPTIMIZERS, check_supported, fsdp_version
 
 VOCAB = 128
 
@@ -175,21 +175,34 @@ def test_bad_inputs_raise_clear_errors(overrides, error, message, tmp_path):
         train(tmp_path, "galore_adamw", max_steps=1, **overrides)
 
 
+DISTRIBUTED = types.SimpleNamespace(value="distributed")
+
+
 @pytest.mark.parametrize(
     "settings,message",
     [
-        ({"deepspeed": "ds_config.json"}, "DeepSpeed is not supported yet"),
-        ({"fsdp": [1]}, "FSDP is not supported yet"),
-        ({"parallel_mode": types.SimpleNamespace(value="distributed")}, "does not support multi-process"),
+        ({"deepspeed": "ds_config.json"}, r"cannot run under DeepSpeed: ZeRO stages 1-3 hand the optimizer flat"),
+        (
+            {"fsdp": [1], "fsdp_config": {"version": 1}},
+            r"cannot run on FSDP version 1: FSDP1 hands the optimizer flat parameters .* Use FSDP2",
+        ),
+        ({"parallel_mode": DISTRIBUTED}, r"does not support DDP: a layer-wise update would run before DDP averages"),
         ({"fp16": True}, "cannot run with --fp16"),
     ],
-    ids=["layerwise+deepspeed", "layerwise+fsdp", "layerwise+ddp", "layerwise+fp16"],
+    ids=["deepspeed", "fsdp1", "layerwise+ddp", "layerwise+fp16"],
 )
 def test_unsupported_combinations_raise(settings, message):
-    args = {"fsdp": [], "deepspeed": None, "fp16": False, "max_grad_norm": 0.0}
+    args = {"fsdp": [], "fsdp_config": {}, "deepspeed": None, "fp16": False, "max_grad_norm": 0.0}
     args["parallel_mode"] = types.SimpleNamespace(value="not_distributed")
     with pytest.raises((NotImplementedError, ValueError), match=message):
         check_supported(types.SimpleNamespace(**{**args, **settings}), "galore_adamw_layerwise", layerwise=True)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_fsdp2_is_accepted_for_every_form_layerwise_included(layerwise):
+    args = {"fsdp": [1], "fsdp_config": {"version": 2}, "deepspeed": None, "fp16": False, "max_grad_norm": 0.0}
+    check_supported(types.SimpleNamespace(**args, parallel_mode=DISTRIBUTED), "galore_adamw", layerwise=layerwise)
+    assert fsdp_version(types.SimpleNamespace(fsdp=[1], fsdp_config={})) == 2  # transformers' default version
 
 
 # The names transformers' argument parser accepts, and what each must build: the spec, written independently of

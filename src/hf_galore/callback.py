@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from .core import GaLoreOptimizer, RefreshStats
 from .memory import optimizer_state_bytes, peak_memory_mb
+from .sharding import local_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,13 @@ def _device(optimizer: torch.optim.Optimizer) -> torch.device:
 
 
 def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
-    """Optimizer-state MiB held, what AdamW would hold for the same parameters, the saving, and peak memory."""
+    """Optimizer-state MiB held, what AdamW would hold for the same parameters, the saving, and peak memory.
+
+    Per process: under FSDP2 each counts this rank's rows.
+    """
     held = optimizer_state_bytes(optimizer)
-    adamw = sum(2 * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    params = [local_tensor(p) for g in optimizer.param_groups for p in g["params"]]
+    adamw = sum(2 * p.numel() * p.element_size() for p in params)
     return {
         "galore/optimizer_state_mb": held / MIB,
         "galore/adamw_equivalent_mb": adamw / MIB,

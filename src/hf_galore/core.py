@@ -161,22 +161,31 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self.layerwise = layerwise
         self._should_step = should_step
         self._layerwise_hooks: list[Any] = []
+        self._hooked: list[Tensor] = []  # the parameters the hooks are registered on
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
-        self._names = {id(p): name for p, name in (param_names or {}).items()}
         if galore_params is not None:
             params = split_galore_groups(params, galore_params, as_galore_config(galore_config))
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
+        self._names: dict[tuple[int, int], str] = {}
         super().__init__(params, defaults)
+        # Kept by position in the groups: accelerate's FSDP2 prepare swaps each parameter for its sharded one there.
+        by_id = {id(p): name for p, name in (param_names or {}).items()}
+        self._names = {
+            (g, i): by_id[id(p)]
+            for g, group in enumerate(self.param_groups)
+            for i, p in enumerate(group["params"])
+            if id(p) in by_id
+        }
         self._release_from_earlier_hooks()
         if layerwise:
             self.register_hooks()
 
     def __getstate__(self) -> dict[str, Any]:
         # Hook handles belong to the original parameters; a copy (deepcopy, pickle) starts without hooks.
-        return {**super().__getstate__(), **self.__dict__, "_layerwise_hooks": []}
+        return {**super().__getstate__(), **self.__dict__, "_layerwise_hooks": [], "_hooked": []}
 
     def set_refresh_clock(self, step: int | None) -> None:
         """Schedule refreshes by this step count (the Trainer's global step) instead of each tensor's own count.
@@ -188,10 +197,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     def param_name(self, param: Tensor) -> str:
         """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
-        if id(param) in self._names:
-            return self._names[id(param)]
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             for index, member in enumerate(group["params"]):
+                if member is param and (g, index) in self._names:
+                    return self._names[g, index]
                 if member is param and "param_names" in group:
                     return group["param_names"][index]
         return f"a parameter shaped {tuple(param.shape)}"
@@ -209,8 +218,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """
         if not self.layerwise:
             raise RuntimeError("register_hooks() is for layer-wise optimizers (layerwise=True).")
-        if self._layerwise_hooks:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self._layerwise_hooks and all(a is b for a, b in zip(self._hooked, params)):
             return
+        self.remove_hooks()  # none yet, or on parameters the groups no longer hold (swapped by FSDP2's prepare)
+        self._hooked = params
         self._release_from_earlier_hooks()
         # Group by index, looked up when the hook runs: load_state_dict (accelerate's prepare does one) replaces
         # the group dicts, and the LR scheduler writes the new ones.
@@ -232,10 +244,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         for handle in self._layerwise_hooks:
             handle.remove()
         self._layerwise_hooks = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                if _hook_owner(param) is self:
-                    del _HOOK_OWNERS[param]
+        for param in self._hooked:
+            if _hook_owner(param) is self:
+                del _HOOK_OWNERS[param]
+        self._hooked = []
 
     def _release_from_earlier_hooks(self) -> None:
         """Take our parameters back from another optimizer's layer-wise hooks (a run that never reached its end).

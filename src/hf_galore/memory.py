@@ -11,19 +11,24 @@ from torch import Tensor
 from .config import ProjType
 from .inner import InnerForm, InnerUpdate, inner_rule
 from .projector import effective_rank, projected_shape, projection_sides
+from .sharding import local_tensor
 
 __all__ = ["InnerForm", "expected_state_bytes", "optimizer_state_bytes", "peak_memory_mb"]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor the optimizer's state holds (GaLore bases included), each storage counted once."""
+    """Bytes of every tensor the optimizer's state holds in this process (GaLore bases included), each storage
+    counted once; a sharded (DTensor) entry counts its local rows."""
     seen: set[int] = set()
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, Tensor) and value.untyped_storage().data_ptr() not in seen:
-                seen.add(value.untyped_storage().data_ptr())
-                total += value.untyped_storage().nbytes()
+            if not isinstance(value, Tensor):
+                continue
+            storage = local_tensor(value).untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
 
 

@@ -47,32 +47,47 @@ def optim_name(args: TrainingArguments) -> str:
     return getattr(args.optim, "value", args.optim)
 
 
-def _distributed_type() -> str | None:
+def _accelerate_state() -> dict[str, Any]:
     from accelerate.state import AcceleratorState
 
-    state = AcceleratorState._shared_state  # read without initialising: the Trainer has set it up by now
-    return str(state["distributed_type"]) if state.get("distributed_type") is not None else None
+    return AcceleratorState._shared_state  # read without initialising: the Trainer has set it up by now
+
+
+def fsdp_version(args: TrainingArguments) -> int | None:
+    """1 or 2 when the run shards with FSDP (accelerate's plugin, else `--fsdp` + `fsdp_config`), None otherwise."""
+    state = _accelerate_state()
+    plugin = state.get("fsdp_plugin")
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if args.fsdp:
+        return int((args.fsdp_config or {}).get("version", 2))
+    return 1 if "FSDP" in str(state.get("distributed_type") or "") else None
 
 
 def check_supported(args: TrainingArguments, name: str, layerwise: bool) -> None:
-    """Refuse, with the reason, the combinations hf_galore cannot run correctly yet."""
-    distributed = _distributed_type() or ""
-    if args.fsdp or "FSDP" in distributed:
+    """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
+    version = fsdp_version(args)
+    if version is not None and version != 2:
         raise NotImplementedError(
-            f"--optim {name} with FSDP is not supported yet (sharded GaLore is planned). Train with DDP "
-            "(`accelerate launch` / `torchrun` without an FSDP config) or with a non-GaLore --optim."
+            f"--optim {name} cannot run on FSDP version {version}: FSDP1 hands the optimizer flat parameters (many "
+            "weights concatenated into one 1-D tensor per rank), which have no matrix shape to project. Use FSDP2, "
+            "which shards each weight by rows: fsdp_config={'version': 2} (transformers' default) or "
+            "`fsdp_version: 2` in the accelerate config (examples/fsdp2.yaml)."
         )
-    if args.deepspeed or "DEEPSPEED" in distributed:
+    if args.deepspeed or "DEEPSPEED" in str(_accelerate_state().get("distributed_type") or ""):
         raise NotImplementedError(
-            f"--optim {name} with DeepSpeed is not supported yet (sharded GaLore is planned). Train with DDP "
-            "(`accelerate launch` / `torchrun` without a DeepSpeed config) or with a non-GaLore --optim."
+            f"--optim {name} cannot run under DeepSpeed: ZeRO stages 1-3 hand the optimizer flat partitions that cut "
+            "across weights, so no weight keeps its matrix shape, and ZeRO-0 is plain data parallelism, which DDP "
+            "gives without DeepSpeed. Use FSDP2 to shard (`accelerate launch --config_file examples/fsdp2.yaml`), "
+            "or DDP."
         )
     if not layerwise:
         return
-    if str(args.parallel_mode.value) == "distributed":
+    if str(args.parallel_mode.value) == "distributed" and version is None:
         raise NotImplementedError(
-            f"--optim {name} does not support multi-process training: a layer-wise update would run before DDP "
-            f"averages that gradient. Use --optim {name.removesuffix('_layerwise')} under DDP."
+            f"--optim {name} does not support DDP: a layer-wise update would run before DDP averages that gradient. "
+            f"Use --optim {name.removesuffix('_layerwise')} under DDP, or shard with FSDP2, where each weight's "
+            "update runs on its reduced gradient shard."
         )
     if args.fp16:
         raise ValueError(

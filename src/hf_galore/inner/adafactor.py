@@ -63,7 +63,9 @@ class AdafactorUpdate:
             lr *= max(group["eps"][1], float(global_rms(param.float(), _global_numel(param, shard), shard)))
         return lr
 
-    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def init_state(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
+    ) -> None:
         grad = torch.empty_like(grad, dtype=torch.float32)  # statistics are float32 whatever the gradient's dtype
         if group["beta1"] is not None:
             state[EXP_AVG] = torch.zeros_like(grad)
@@ -95,7 +97,7 @@ class AdafactorUpdate:
         dtype, grad = grad.dtype, grad.float()
         factored = grad.dim() >= 2
         if EXP_AVG_SQ_ROW not in state and EXP_AVG_SQ not in state:
-            self.init_state(grad, state, group)
+            self.init_state(grad, state, group, shard)
 
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         update = grad.square().add_(group["eps"][0])

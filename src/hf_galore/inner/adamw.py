@@ -49,7 +49,9 @@ class AdamWUpdate:
         if group.get("amsgrad", False):
             raise ValueError("GaLoreAdamW does not support amsgrad=True.")
 
-    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def init_state(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
+    ) -> None:
         state[EXP_AVG] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         state[EXP_AVG_SQ] = torch.zeros_like(grad, memory_format=torch.preserve_format)
 
@@ -70,7 +72,7 @@ class AdamWUpdate:
         shard: RowShard | None = None,
     ) -> Tensor:
         if EXP_AVG not in state:
-            self.init_state(grad, state, group)
+            self.init_state(grad, state, group, shard)
         beta1, beta2 = group["betas"]
         direction = adam_direction(
             grad, state[EXP_AVG], state[EXP_AVG_SQ], step=step, beta1=beta1, beta2=beta2, eps=group["eps"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,8 +63,12 @@ class AdamW8bitUpdate:
         """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""
         return layout_bytes(self, shape, dtype, group={})
 
-    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if grad.numel() < self.min_8bit_size:
+    def init_state(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
+    ) -> None:
+        # 8-bit or not by the whole tensor's size, so every rank of a row-sharded one keeps the same kind of state
+        numel = grad.numel() if shard is None else shard.global_rows * math.prod(grad.shape[1:])
+        if numel < self.min_8bit_size:
             state[EXP_AVG] = torch.zeros_like(grad, dtype=torch.float32)
             state[EXP_AVG_SQ] = torch.zeros_like(grad, dtype=torch.float32)
             return
@@ -85,7 +90,7 @@ class AdamW8bitUpdate:
         import bitsandbytes.functional as bnbf
 
         if EXP_AVG not in state:
-            self.init_state(grad, state, group)
+            self.init_state(grad, state, group, shard)
         beta1, beta2 = group["betas"]
         grad = grad.contiguous()
         buffer = torch.zeros_like(grad, dtype=torch.float32)

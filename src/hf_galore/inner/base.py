@@ -25,8 +25,13 @@ class InnerUpdate(Protocol):
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise a `ValueError` naming any hyper-parameter of `group` this rule cannot use."""
 
-    def init_state(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Create this rule's zeroed moments for a gradient like `grad` (also on the meta device: the layout)."""
+    def init_state(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
+    ) -> None:
+        """Create this rule's zeroed moments for a gradient like `grad` (also on the meta device: the layout).
+
+        With `shard`, `grad` is one rank's rows: choices that depend on the whole tensor (8-bit or not) use its size.
+        """
 
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         """The step size for this update (`step` counts this update, starting at 1)."""

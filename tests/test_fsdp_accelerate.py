@@ -1,0 +1,108 @@
+"""The Trainer's FSDP2 sequence on CPU: the optimizer is built first (by transformers' handler), then accelerate's
+`_prepare_fsdp2` swaps every group's parameters for the sharded ones. accelerate never shards on CPU by itself
+(it reports DistributedType.NO), so the plugin is set by hand, as the Trainer's accelerator would hold it on GPUs.
+Tolerance as in tests/test_fsdp.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import LLAMA_VOCAB, tiny_llama
+from ranks import WORLD, run_on_ranks
+from transformers import Trainer, TrainingArguments
+
+from hf_galore.callback import GaLoreCallback
+from hf_galore.sharding import local_tensor
+
+STEPS, MICRO = 4, 2
+
+
+def _args(optim: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir="unused",
+        optim=optim,
+        optim_target_modules="attn,mlp",
+        optim_args="rank=4,update_proj_gap=2,scale=0.5,refresh_method=exact",
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        use_cpu=True,
+        report_to="none",
+    )
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, LLAMA_VOCAB, (STEPS, MICRO, WORLD, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _build(args: TrainingArguments):
+    model = tiny_llama()
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return model, cls(model.parameters(), **kwargs)
+
+
+def _accelerate_run(rank: int, optim: str) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    # accelerate reads these; the process group itself is already up (gloo, started by run_on_ranks)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    args = _args(optim)  # sets up accelerate's process state, as the Trainer's arguments do
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
+    )
+    model, optimizer = _build(args)  # as the Trainer: the accelerator exists, the optimizer is built before sharding
+    galore = optimizer
+    model, optimizer = accelerator._prepare_fsdp2(model, optimizer)
+    GaLoreCallback().on_train_begin(None, None, None, optimizer=optimizer)  # as the Trainer's callback does
+    boundary, freed = {"now": True}, []
+    galore._should_step = lambda: boundary["now"]
+    for step_tokens in _tokens():
+        for micro, tokens in enumerate(step_tokens):
+            boundary["now"] = micro == MICRO - 1
+            model.set_requires_gradient_sync(boundary["now"])
+            ids = tokens[rank : rank + 1]
+            (model(input_ids=ids, labels=ids).loss / MICRO).backward()
+        freed.append(all(p.grad is None for p in model.parameters()))  # layer-wise: the hooks updated and freed
+        optimizer.step()
+        optimizer.zero_grad()
+    hooked = galore.has_hooks
+    GaLoreCallback().on_train_end(None, None, None, optimizer=optimizer)
+    return {
+        "weights": {name: p.full_tensor() for name, p in model.named_parameters()},
+        "sharded_state": all(
+            isinstance(v, torch.distributed.tensor.DTensor)
+            for state in galore.state.values()
+            for k, v in state.items()
+            if k in galore.inner.row_wise_state
+        ),
+        "hooked": hooked,
+        "freed": freed,
+        "state_entries": len(galore.state),
+        "local_rows": {name: local_tensor(p).shape[0] for name, p in model.named_parameters()},
+    }
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise", "galore_adafactor"])
+def test_the_trainers_fsdp2_sequence_equals_one_process(tmp_path, optim):
+    results = run_on_ranks(tmp_path, _accelerate_run, optim)
+    reference, optimizer = _build(_args(optim.removesuffix("_layerwise")))
+    for group in optimizer.param_groups:  # sharded weights are projected from the right
+        if group.get("rank"):
+            group["proj_type"] = "right"
+    for step_tokens in _tokens():
+        for tokens in step_tokens:
+            ids = tokens.reshape(WORLD, -1)  # each rank's row: the same global batch, mean over ranks
+            (reference(input_ids=ids, labels=ids).loss / MICRO).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for result in results:
+        layerwise = optim.endswith("_layerwise")
+        assert result["sharded_state"] and result["hooked"] == layerwise and result["freed"] == [layerwise] * STEPS
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(result["weights"][name], param.detach(), atol=1e-4, rtol=0, msg=name)
+    assert results[0]["state_entries"] == sum(1 for p in reference.parameters() if p.requires_grad)
