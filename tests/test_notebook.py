@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import nbformat
@@ -110,7 +111,7 @@ def cell_running(notebook: nbformat.NotebookNode, code: str) -> nbformat.Noteboo
 def kernel_env(monkeypatch):
     """The kernel inherits this environment: this process's hf_galore first on its path, offline, INFO logs."""
     source = str(Path(hf_galore.__file__).resolve().parents[1])
-    monkeypatch.setenv("PYTHONPATH", source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_GALORE_VERBOSITY", raising=False)
 
@@ -131,7 +132,8 @@ def check_run(notebook: nbformat.NotebookNode) -> dict[str, object]:
         "galore/refresh_seconds",
     }
     assert 0 < facts["galore_state_mb"] < facts["adamw_state_mb"]
-    assert 0 < facts["planned_state_mb"] < facts["adamw_state_mb"]
+    # The plan agrees with the run to 1%: not to the byte, as it plans the encoder with an LM head, not this head.
+    assert facts["planned_state_mb"] == pytest.approx(facts["galore_state_mb"], rel=0.01)
     # AdamW holds two moments per parameter plus a 4-byte step tensor each: what the callback's figure predicts.
     assert facts["adamw_state_mb"] == pytest.approx(facts["adamw_equivalent_mb"], rel=1e-3)
     steps = math.ceil(facts["train_examples"] / facts["batch_size"])
@@ -150,6 +152,7 @@ def check_run(notebook: nbformat.NotebookNode) -> dict[str, object]:
     plan_log = stream(cell_running(notebook, "plan = estimate("), "stderr")
     assert plan_log.count("[hf_galore] galore_adamw_8bit selected") == 1
     plot = cell_running(notebook, "adamw = build_trainer(")
+    assert "[hf_galore]" not in stream(plot, "stderr")  # AdamW: no GaLore callback, no table
     assert any("image/png" in output.get("data", {}) for output in plot.outputs)
     return facts
 
