@@ -132,3 +132,13 @@ def test_a_left_projection_of_a_sharded_weight_is_refused(tmp_path):
     config = GaLoreConfig(rank=RANK, update_proj_gap=GAP, proj_type="left")
     with pytest.raises(Exception, match="proj_type='left' for 0.weight, row-sharded by FSDP2"):
         run_on_ranks(tmp_path, _sharded_run, "adamw", config)
+
+
+def test_the_shipped_accelerate_config_shards_with_fsdp2():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "fsdp2.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import LLAMA_VOCAB, tiny_llama
 from ranks import WORLD, run_on_ranks
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 
 from hf_galore.callback import GaLoreCallback
 from hf_galore.sharding import local_tensor
@@ -58,7 +58,7 @@ def _accelerate_run(rank: int, optim: str) -> dict:
     model, optimizer = _build(args)  # as the Trainer: the accelerator exists, the optimizer is built before sharding
     galore = optimizer
     model, optimizer = accelerator._prepare_fsdp2(model, optimizer)
-    GaLoreCallback().on_train_begin(None, None, None, optimizer=optimizer)  # as the Trainer's callback does
+    GaLoreCallback().on_train_begin(args, TrainerState(), None, optimizer=optimizer)  # as in the Trainer
     boundary, freed = {"now": True}, []
     galore._should_step = lambda: boundary["now"]
     for step_tokens in _tokens():
@@ -71,7 +71,7 @@ def _accelerate_run(rank: int, optim: str) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     hooked = galore.has_hooks
-    GaLoreCallback().on_train_end(None, None, None, optimizer=optimizer)
+    GaLoreCallback().on_train_end(args, TrainerState(), None, optimizer=optimizer)
     return {
         "weights": {name: p.full_tensor() for name, p in model.named_parameters()},
         "sharded_state": all(

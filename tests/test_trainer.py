@@ -330,3 +330,18 @@ def test_subclass_decay_rules_are_respected(tmp_path):
 
     trainer = train(tmp_path, "galore_adamw", trainer_cls=NoDecayTrainer, max_steps=1, weight_decay=0.3)
     assert {g["weight_decay"] for g in trainer.optimizer.optimizer.param_groups} == {0.0}
+
+
+def test_training_again_with_the_same_trainer_keeps_the_refresh_cadence_and_a_fresh_summary(tmp_path, galore_log):
+    # update_proj_gap=4, 6 steps: refreshes at 0 and 4, the next due 2 steps after the run ends
+    trainer = train(tmp_path, "galore_adamw", max_steps=6, max_grad_norm=0.0)
+    optimizer = trainer.optimizer.optimizer
+    weight = next(p for g in optimizer.param_groups if g.get("rank") for p in g["params"])
+    assert optimizer.state[weight]["next_refresh"] == 8
+    trainer.train()  # transformers restarts global_step at 0 and keeps the optimizer
+    assert optimizer.state[weight]["step"] == 12
+    assert optimizer.state[weight]["next_refresh"] == 6  # refreshed at its global step 2 (8 - 6), next due at 6
+    refreshes = [e["galore/refresh_seconds"] > 0 for e in trainer.state.log_history if "loss" in e]
+    assert refreshes == [False, False, True, False, False, False]
+    summaries = [r.getMessage() for r in galore_log if "basis refreshes took" in r.getMessage()]
+    assert len(summaries) == 2 and "; 14 basis refreshes" in summaries[-1]  # this call's refreshes only

@@ -65,9 +65,15 @@ class GaLoreCallback(TrainerCallback):
         return stats
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.refreshes, self.refresh_seconds, self.skipped_updates = 0, 0.0, 0  # this train() call's summary
         galore = unwrap_galore(optimizer)
-        if galore is not None and galore.layerwise:
-            galore.register_hooks()  # again, when train() runs a second time with the same optimizer
+        if galore is None:
+            return
+        galore.pop_refresh_stats()
+        galore.pop_skipped_updates()
+        galore.restart_refresh_clock(state.global_step)
+        if galore.layerwise:
+            galore.register_hooks()  # again when train() runs a second time; anew on FSDP2's sharded parameters
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         galore = unwrap_galore(optimizer)

@@ -195,6 +195,17 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """
         self._refresh_clock = step
 
+    def restart_refresh_clock(self, step: int) -> None:
+        """The clock restarts at `step` while this optimizer goes on (`train()` run again without a resume: the
+        Trainer counts its global step from 0 but keeps the optimizer): keep each due refresh as many steps away."""
+        if self._refresh_clock is None:
+            return  # nothing scheduled by the clock yet, or a checkpoint was just loaded (its own schedule)
+        shift = self._refresh_clock + 1 - step
+        for state in self.state.values():
+            if NEXT_REFRESH in state:
+                state[NEXT_REFRESH] -= shift
+        self._refresh_clock = None
+
     def param_name(self, param: Tensor) -> str:
         """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
         for g, group in enumerate(self.param_groups):
@@ -506,6 +517,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         dtypes are kept (torch would cast 8-bit moments to the parameter's dtype).
         """
         self._check_resumable(state_dict)
+        self._refresh_clock = None  # the checkpoint's schedule counts the steps of the run that saved it
         given_now = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
         self._apply_settings_given_now(given_now)
