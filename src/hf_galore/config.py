@@ -11,6 +11,8 @@ ProjType = Literal["std", "reverse_std", "left", "right", "full"]
 PROJ_TYPES: tuple[str, ...] = get_args(ProjType)
 RefreshMethod = Literal["exact", "randomized"]
 REFRESH_METHODS: tuple[str, ...] = get_args(RefreshMethod)
+Residual = Literal["none", "fira"]
+RESIDUALS: tuple[str, ...] = get_args(Residual)
 
 
 def _is_int(value: Any) -> bool:
@@ -41,6 +43,9 @@ def validate_galore_options(options: Mapping[str, Any]) -> None:
         )
     if not isinstance(options["stagger"], bool):
         raise ValueError(f"Invalid stagger={options['stagger']!r}. Must be true or false.")
+    if options["residual"] not in RESIDUALS:
+        residual = options["residual"]
+        raise ValueError(f"Invalid residual={residual!r}. Must be one of {', '.join(RESIDUALS)}.")
 
 
 @dataclass
@@ -73,6 +78,14 @@ class GaLoreConfig:
     )
     stagger: bool = field(
         default=False, metadata={"help": "Spread the targets' refreshes over the interval instead of one step."}
+    )
+
+    residual: Residual = field(
+        default="none",
+        metadata={
+            "help": "Add back the gradient outside the subspace: none (GaLore) or fira (scaled like the subspace "
+            "update, column-wise, with a norm-growth limiter; Chen et al., 2024)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from .projector import (
     projection_sides,
     subspace_overlap,
 )
+from .residual import fira_residual
 from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import RowShard, global_sum, local_tensor, row_shard, shard_like
 
@@ -42,7 +43,9 @@ LEFT_BASIS = "left_basis"
 RIGHT_BASIS = "right_basis"
 NEXT_REFRESH = "next_refresh"  # plain int, in the refresh clock's units
 REFRESH_INTERVAL = "refresh_interval"  # plain int: the interval that scheduled NEXT_REFRESH
-SCHEDULE_KEYS = (STEP, NEXT_REFRESH, REFRESH_INTERVAL)  # plain counters, not part of the state's layout
+RESIDUAL_NORM = "residual_norm"  # 0-d tensor: the Fira residual's norm last step (its norm-growth limiter)
+# Counters and scalars that may come or go with a setting that can change on resume: not part of the layout check.
+SCHEDULE_KEYS = (STEP, NEXT_REFRESH, REFRESH_INTERVAL, RESIDUAL_NORM)
 # On resume the checkpoint provides these group keys (the LR scheduler's); the settings given now provide the rest.
 CHECKPOINT_GROUP_KEYS = ("lr", "initial_lr")
 # Group keys that fix the layout of the saved state: they cannot change on resume without starting afresh.
@@ -366,6 +369,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         self.state[param] = state
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
+        full_grad = grad
         if galore:
             proj_type = sharded_proj_type(group["proj_type"], tuple(param.shape), self.param_name(param), shard)
             if refresh_due:
@@ -379,10 +383,16 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             self._keep_sharded(param, state, moments)
         if group["weight_decay"] != 0:
             weight.mul_(1.0 - lr * group["weight_decay"])
-        if galore:
-            add_projected_back_(weight, delta, state.get(LEFT_BASIS), state.get(RIGHT_BASIS), alpha=-group["scale"])
-        else:
+        if not galore:
             weight.sub_(delta)
+            return
+        left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
+        if group["residual"] == "fira":
+            residual, state[RESIDUAL_NORM] = fira_residual(
+                full_grad, grad, delta, left, right, state.get(RESIDUAL_NORM), shard
+            )
+            weight.add_(residual, alpha=-group["scale"])
+        add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
 
     @staticmethod
     def _gradient_is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
