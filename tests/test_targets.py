@@ -375,3 +375,16 @@ def test_target_is_hashable_and_compares_without_the_parameter() -> None:
     second = GaLoreTarget("w", "m", "all-linear", torch.nn.Parameter(torch.ones(2, 3)), (2, 3), False)
     assert first == second and hash(first) == hash(second) and "Parameter" not in repr(first)
     assert re.fullmatch(r"GaLoreTarget\(.*transposed=False\)", repr(first))
+
+
+def test_table_shows_the_projected_side_and_fsdp2_projects_every_weight_from_the_right() -> None:
+    """mlp's 32x48 weight (wide) is projected from the left by std; row-sharded by FSDP2 it is projected from the
+    right, with the state that side holds (its moments are then 32xr, its basis rx48)."""
+    targets = select_targets(_llama(), "attn,mlp")
+    single = format_target_table(targets, rank=8)
+    sharded = format_target_table(targets, rank=8, row_sharded=True)
+    assert _row(single, "mlp", "32x48")[5] == "left" and _row(single, "mlp", "48x32")[5] == "right"
+    assert _row(sharded, "mlp", "32x48")[5] == "right"
+    assert _row(sharded, "mlp", "32x48")[4] == f"{2 * 4 * (2 * 8 * 32 + 8 * 48):,}"  # 2 modules, fp32
+    with pytest.raises(ValueError, match=r"Invalid proj_type='left' for .*, row-sharded by FSDP2"):
+        format_target_table(targets, rank=8, row_sharded=True, proj_type="left")

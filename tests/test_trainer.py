@@ -5,14 +5,15 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from conftest import LLAMA_VOCAB, tiny_llama
+from transformers import Trainer, TrainingArguments
 
 import hf_galore
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes
 from hf_galore.callback import GaLoreCallback
 from hf_galore.trainer_factory import GALORE_OPTIMIZERS, check_supported, fsdp_version
 
-VOCAB = 128
+VOCAB = LLAMA_VOCAB
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -24,14 +25,6 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    return LlamaForCausalLM(config)
 
 
 class NotebookTrainer(Trainer):

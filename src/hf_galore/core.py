@@ -30,6 +30,7 @@ from .projector import (
     project,
     projected_shape,
     projection_sides,
+    resolve_proj_type,
     subspace_overlap,
 )
 from .residual import fira_residual
@@ -371,7 +372,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
         full_grad = grad
         if galore:
-            proj_type = sharded_proj_type(group["proj_type"], tuple(param.shape), self.param_name(param), shard)
+            proj_type = resolve_proj_type(
+                group["proj_type"], tuple(param.shape), self.param_name(param), row_sharded=shard is not None
+            )
             if refresh_due:
                 self._refresh(param, grad, state, group, clock, proj_type, shard)
             grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
@@ -610,7 +613,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only)."""
         shape = tuple(param.shape)
         if is_galore_group(group):
-            proj_type = sharded_proj_type(group["proj_type"], shape, self.param_name(param), row_shard(param))
+            proj_type = resolve_proj_type(
+                group["proj_type"], shape, self.param_name(param), row_sharded=row_shard(param) is not None
+            )
             shape = projected_shape(shape, group["rank"], proj_type)
         layout: dict[str, Tensor] = {}
         self.inner.init_state(torch.empty(shape, dtype=param.dtype, device="meta"), layout, group)
@@ -637,21 +642,6 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             group.update(kept)
             if changes:
                 logger.info("Resumed param group %d with the settings given now: %s.", index, ", ".join(changes))
-
-
-def sharded_proj_type(proj_type: str, shape: tuple[int, int], name: str, shard: RowShard | None) -> str:
-    """The projection a weight gets. Row-sharded (FSDP2), `std` projects from the right: the basis (r×n) is
-    replicated, the projection and the moments stay on each rank's rows, and no collective runs between refreshes.
-    A left projection would need an all-reduce of r×n every step, so it is refused there."""
-    if shard is None:
-        return proj_type
-    if proj_type in ("std", "right") or (proj_type == "reverse_std" and shape[0] < shape[1]):
-        return "right"
-    raise ValueError(
-        f"Invalid proj_type={proj_type!r} for {name}, row-sharded by FSDP2: it projects from the left, which would "
-        "need an all-reduce of rank×columns values every step. Use proj_type='std' (sharded weights are then "
-        "projected from the right) or 'right'."
-    )
 
 
 def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .inner import InnerForm, InnerUpdate
 from .memory import expected_state_bytes
+from .projector import projection_sides, resolve_proj_type
 from .report import format_table, human_bytes
 
 __all__ = ["GaLoreTarget", "format_target_table", "parse_target_modules", "select_targets"]
@@ -273,6 +274,7 @@ def select_targets(
     optimizer_name: str = "GaLore",
     rank: int | None = None,
     form: InnerForm | InnerUpdate = "adamw",
+    row_sharded: bool = False,
     **state_options: Any,
 ) -> list[GaLoreTarget]:
     """Select the weights that get GaLore, in ``model.named_modules()`` order; log the selection once at INFO.
@@ -366,18 +368,26 @@ def select_targets(
         for label, names in skipped
         if names is not non_linear
     )
-    table = format_target_table(targets, rank, form, **state_options)
+    table = format_target_table(targets, rank, form, row_sharded=row_sharded, **state_options)
     logger.info("%s selected %d weight matrices:\n%s%s", optimizer_name, len(targets), table, notes)
     return targets
+
+
+def _side(shape: tuple[int, int], proj_type: str) -> str:
+    left, right = projection_sides(shape, proj_type)
+    return "both" if left and right else "left" if left else "right"
 
 
 def format_target_table(
     targets: Sequence[GaLoreTarget],
     rank: int | None = None,
     form: InnerForm | InnerUpdate = "adamw",
+    *,
+    row_sharded: bool = False,
     **state_options: Any,
 ) -> str:
-    """A terminal table, one row per (pattern, shape): module count, abridged names, rank and state bytes.
+    """A terminal table, one row per (pattern, shape): module count, abridged names, rank, state bytes and the side
+    the gradient is projected from (``row_sharded``: as under FSDP2, where ``std`` projects from the right).
 
     With ``rank``, the effective rank is ``min(rank, min(shape))`` and the state is what ``expected_state_bytes``
     gives for the inner ``form``, a rule or its name (fp32 AdamW: ``4 * (2*r*max(m, n) + r*min(m, n))`` bytes per
@@ -390,13 +400,15 @@ def format_target_table(
     for target in targets:
         groups.setdefault((target.pattern, target.shape, target.transposed), []).append(target)
 
-    header = ("pattern", "modules", "shape", "rank", "state bytes", "names")
+    header = ("pattern", "modules", "shape", "rank", "state bytes", "side", "names")
+    proj_type = state_options.pop("proj_type", "std")
     rows: list[tuple[str, ...]] = []
     total_state = 0
     total_entries = 0
     for (pattern, shape, transposed), members in groups.items():
         effective = None if rank is None else min(rank, *shape)
-        options = {"form": form, "rank": rank, "dtype": members[0].param.dtype, **state_options}
+        resolved = resolve_proj_type(proj_type, shape, members[0].module_name, row_sharded=row_sharded)
+        options = {"form": form, "rank": rank, "dtype": members[0].param.dtype, "proj_type": resolved, **state_options}
         state = 0 if effective is None else expected_state_bytes(shape, **options) * len(members)
         total_state += state
         total_entries += len(members) * shape[0] * shape[1]
@@ -408,10 +420,11 @@ def format_target_table(
                 f"{shape[0]}x{shape[1]}{'*' if transposed else ''}",
                 "-" if effective is None else str(effective),
                 "-" if effective is None else f"{state:,}",
+                "-" if effective is None else _side(shape, resolved),
                 names[0],
             )
         )
-        rows.extend(("", "", "", "", "", name) for name in names[1:])  # the group's further names, one a line
+        rows.extend(("", "", "", "", "", "", name) for name in names[1:])  # the group's further names, one a line
 
     lines = [format_table(header, rows, right={1, 3, 4}, rule=True, free_last=True)]
     total = f"total: {len(targets)} {'matrix' if len(targets) == 1 else 'matrices'}, {total_entries:,} weights"

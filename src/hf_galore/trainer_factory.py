@@ -113,7 +113,14 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
     # The raw string, parsed strictly: transformers' ctx.optim_args silently keeps the last of a repeated key.
     config, extra = parse_optim_args(split_optim_args(args.optim_args), extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
     targets = select_targets(
-        ctx.model, args.optim_target_modules, optimizer_name=name, rank=config.rank, form=form, **extra
+        ctx.model,
+        args.optim_target_modules,
+        optimizer_name=name,
+        rank=config.rank,
+        form=form,
+        proj_type=config.proj_type,
+        row_sharded=fsdp_version(args) == 2,  # FSDP2 shards rows: the table shows the side each weight gets there
+        **extra,
     )
     kwargs: dict[str, Any] = {**ctx.optimizer_kwargs, "weight_decay": args.weight_decay, **extra}
     if optimizer_cls is GaLoreAdafactor:  # as transformers' own adafactor: a fixed, scheduled lr
