@@ -130,7 +130,7 @@ def test_default_settings_run_sharded_and_steps_between_refreshes_move_nothing(t
 
 def test_a_left_projection_of_a_sharded_weight_is_refused(tmp_path):
     config = GaLoreConfig(rank=RANK, update_proj_gap=GAP, proj_type="left")
-    with pytest.raises(Exception, match="proj_type='left' for 0.weight, row-sharded by FSDP2"):
+    with pytest.raises(Exception, match="0.weight: Invalid proj_type='left' for a weight row-sharded by FSDP2"):
         run_on_ranks(tmp_path, _sharded_run, "adamw", config)
 
 

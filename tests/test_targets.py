@@ -386,5 +386,8 @@ def test_table_shows_the_projected_side_and_fsdp2_projects_every_weight_from_the
     assert _row(single, "mlp", "32x48")[5] == "left" and _row(single, "mlp", "48x32")[5] == "right"
     assert _row(sharded, "mlp", "32x48")[5] == "right"
     assert _row(sharded, "mlp", "32x48")[4] == f"{2 * 4 * (2 * 8 * 32 + 8 * 48):,}"  # 2 modules, fp32
-    with pytest.raises(ValueError, match=r"Invalid proj_type='left' for .*, row-sharded by FSDP2"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.self_attn.q_proj: Invalid proj_type='left' for a weight row-sharded by FSDP2",
+    ):
         format_target_table(targets, rank=8, row_sharded=True, proj_type="left")

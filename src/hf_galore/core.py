@@ -372,9 +372,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
         full_grad = grad
         if galore:
-            proj_type = resolve_proj_type(
-                group["proj_type"], tuple(param.shape), self.param_name(param), row_sharded=shard is not None
-            )
+            proj_type = self._proj_type(param, group, row_sharded=shard is not None)
             if refresh_due:
                 self._refresh(param, grad, state, group, clock, proj_type, shard)
             grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
@@ -396,6 +394,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             )
             weight.add_(residual, alpha=-group["scale"])
         add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
+
+    def _proj_type(self, param: Tensor, group: dict[str, Any], *, row_sharded: bool) -> str:
+        try:
+            return resolve_proj_type(group["proj_type"], tuple(param.shape), row_sharded=row_sharded)
+        except ValueError as err:
+            raise ValueError(f"{self.param_name(param)}: {err}") from None
 
     @staticmethod
     def _gradient_is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
@@ -613,9 +617,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only)."""
         shape = tuple(param.shape)
         if is_galore_group(group):
-            proj_type = resolve_proj_type(
-                group["proj_type"], shape, self.param_name(param), row_sharded=row_shard(param) is not None
-            )
+            proj_type = self._proj_type(param, group, row_sharded=row_shard(param) is not None)
             shape = projected_shape(shape, group["rank"], proj_type)
         layout: dict[str, Tensor] = {}
         self.inner.init_state(torch.empty(shape, dtype=param.dtype, device="meta"), layout, group)

@@ -28,16 +28,16 @@ def projection_sides(shape: tuple[int, ...], proj_type: ProjType) -> tuple[bool,
     return (proj_type in ("left", "full"), proj_type in ("right", "full"))
 
 
-def resolve_proj_type(proj_type: ProjType, shape: tuple[int, int], name: str, *, row_sharded: bool) -> ProjType:
+def resolve_proj_type(proj_type: ProjType, shape: tuple[int, int], *, row_sharded: bool) -> ProjType:
     """The projection a weight gets. Row-sharded (FSDP2), `std` projects from the right: the basis (r×n) is
     replicated, the projection and the moments stay on each rank's rows, and no collective runs between refreshes.
-    A left projection would need an all-reduce of r×n every step, so it is refused there, naming `name`."""
+    A left projection would need an all-reduce of r×n every step, so it is refused there (callers add the name)."""
     if not row_sharded:
         return proj_type
     if proj_type in ("std", "right") or (proj_type == "reverse_std" and shape[0] < shape[1]):
         return "right"
     raise ValueError(
-        f"Invalid proj_type={proj_type!r} for {name}, row-sharded by FSDP2: it projects from the left, which would "
+        f"Invalid proj_type={proj_type!r} for a weight row-sharded by FSDP2: it projects from the left, which would "
         "need an all-reduce of rank×columns values every step. Use proj_type='std' (sharded weights are then "
         "projected from the right) or 'right'."
     )

@@ -407,7 +407,10 @@ def format_target_table(
     total_entries = 0
     for (pattern, shape, transposed), members in groups.items():
         effective = None if rank is None else min(rank, *shape)
-        resolved = resolve_proj_type(proj_type, shape, members[0].module_name, row_sharded=row_sharded)
+        try:
+            resolved = resolve_proj_type(proj_type, shape, row_sharded=row_sharded)
+        except ValueError as err:
+            raise ValueError(f"{members[0].module_name}: {err}") from None
         options = {"form": form, "rank": rank, "dtype": members[0].param.dtype, "proj_type": resolved, **state_options}
         state = 0 if effective is None else expected_state_bytes(shape, **options) * len(members)
         total_state += state
