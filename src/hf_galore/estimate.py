@@ -10,6 +10,7 @@ Not counted: the CUDA context, allocator fragmentation and kernel temporaries (a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -43,8 +44,10 @@ __all__ = [
     "PLAIN_OPTIMIZERS",
     "MemoryPlan",
     "activation_bytes",
+    "TASKS",
     "build_meta_model",
     "check_causal_lm",
+    "check_task",
     "estimate",
     "run_estimate",
     "format_plan",
@@ -55,6 +58,11 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# task -> the transformers Auto class that builds the planned model
+TASKS: dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
 _COMPARED_GALORE = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
 _COMPARED_PLAIN = ("adamw_torch", "adamw_bnb_8bit")
 _UNITS = {
@@ -162,26 +170,43 @@ def load_model_config(
         ) from None
 
 
-def check_causal_lm(config: Any) -> None:
-    """Refuse, naming the model type, a config the planner cannot plan as a causal LM (its activation formula and
-    logits assume one): encoder-decoder models, encoders (masked LMs) not marked `is_decoder`, and model types
-    `AutoModelForCausalLM` cannot build."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+def check_task(config: Any, task: str) -> None:
+    """Refuse, naming the model type and the task, a config the planner cannot plan for `task` (`TASKS`):
+    encoder-decoder models (the activation formula is one stack's), for `causal-lm` encoders (masked LMs) not marked
+    `is_decoder`, and model types the task's Auto class cannot build."""
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    )
 
+    if task not in TASKS:
+        raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if task == "causal-lm" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     if getattr(config, "is_encoder_decoder", False):
         reason = "an encoder-decoder model"
-    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+    elif (
+        task == "causal-lm"
+        and type(config) in MODEL_FOR_MASKED_LM_MAPPING
+        and not getattr(config, "is_decoder", False)
+    ):
         reason = "an encoder (masked LM) and its config has is_decoder=false"
-    elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        reason = "not a model type AutoModelForCausalLM can build"
+    elif type(config) not in mapping:
+        reason = f"not a model type {TASKS[task]} can build"
     else:
         return
     raise ValueError(
-        f"Cannot plan model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}): it is {reason}. "
-        "The planner plans causal language models as AutoModelForCausalLM builds them (llama, mistral, qwen2, gpt2, "
-        "...); an encoder such as BERT is planned as its causal-LM form (BertLMHeadModel) only with is_decoder=true "
-        "in its config."
+        f"Cannot plan model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}) for "
+        f"task={task!r}: it is {reason}. task='causal-lm' plans causal language models as AutoModelForCausalLM "
+        "builds them (llama, mistral, qwen2, gpt2, ...; an encoder such as BERT only with is_decoder=true in its "
+        "config); task='sequence-classification' (--task sequence-classification) plans an encoder or decoder with "
+        "a classification head as AutoModelForSequenceClassification builds it."
     )
+
+
+def check_causal_lm(config: Any) -> None:
+    """`check_task(config, "causal-lm")`."""
+    check_task(config, "causal-lm")
 
 
 def _check_seq_len(config: Any, seq_len: int) -> None:
@@ -194,14 +219,21 @@ def _check_seq_len(config: Any, seq_len: int) -> None:
         )
 
 
-def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The causal LM of `config` on the meta device, in `dtype`: every shape and dtype, no memory. A config that is
-    not a causal LM raises a `ValueError` (see `check_causal_lm`)."""
-    from transformers import AutoModelForCausalLM
+def build_meta_model(
+    config: Any, dtype: torch.dtype, *, task: str = "causal-lm", num_labels: int = 2
+) -> torch.nn.Module:
+    """The model of `config` for `task` on the meta device, in `dtype`: every shape and dtype, no memory. For
+    `sequence-classification` the head has `num_labels` outputs (the config itself is not changed). A config that
+    cannot be built for the task raises a `ValueError` (see `check_task`)."""
+    import transformers
 
-    check_causal_lm(config)
+    check_task(config, task)
+    if task == "sequence-classification":
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+    auto_class = getattr(transformers, TASKS[task])
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return auto_class.from_config(config, dtype=dtype)
 
 
 def _optimizer_setup(
@@ -253,6 +285,8 @@ class _Run:
     seq_len: int
     gradient_checkpointing: bool
     overhead: int
+    task: str = "causal-lm"
+    num_labels: int = 2
     tensors: Counter[TensorKind] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -307,6 +341,8 @@ class _Run:
             seq_len=self.seq_len,
             dtype=self.dtype,
             gradient_checkpointing=self.gradient_checkpointing,
+            task=self.task,
+            num_labels=self.num_labels,
         )
 
     def without_activations(self, rank: int | None = None) -> int:
@@ -324,6 +360,8 @@ def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> Memory
         model={
             "source": label,
             "architecture": type(run.meta).__name__,
+            "task": run.task,
+            **({"num_labels": run.num_labels} if run.task == "sequence-classification" else {}),
             "parameters": sum(p.numel() for p in run.meta.parameters()),
             "trainable_parameters": sum(math.prod(t.shape) * count for t, count in run.tensors.items()),
             "dtype": str(run.dtype).removeprefix("torch."),
@@ -384,18 +422,32 @@ def estimate(
     gradient_checkpointing: bool = False,
     device_memory: str | int | None = None,
     overhead: str | int = 0,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
 ) -> MemoryPlan:
-    """Plan a causal LM training run's memory from the same flags as training (model source, `--optim*`), dtype and
-    batch/sequence, so a user learns whether it fits before renting the device."""
+    """Plan a training run's memory from the same flags as training (model source, `--optim*`), dtype and
+    batch/sequence, so a user learns whether it fits before renting the device.
+
+    `task`: `causal-lm` (AutoModelForCausalLM) or `sequence-classification` (AutoModelForSequenceClassification,
+    with `num_labels` labels, 2 when not given; `num_labels` is refused for `causal-lm`)."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}. Must be an int >= 1.")
+    if task not in TASKS:
+        raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
+    if num_labels is not None and task != "sequence-classification":
+        raise ValueError(
+            f"Invalid num_labels={num_labels!r} with task={task!r}: only task='sequence-classification' has labels."
+        )
+    num_labels = 2 if num_labels is None else num_labels
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"Invalid num_labels={num_labels!r}. Must be an int >= 1.")
     torch_dtype = resolve_dtype(dtype)
     device_bytes = None if device_memory is None else parse_memory_size(device_memory)
     overhead_bytes = parse_memory_size(overhead)
     model_config, label = load_model_config(preset=preset, config=config, model=model)
     _check_seq_len(model_config, seq_len)
-    meta = build_meta_model(model_config, torch_dtype)
+    meta = build_meta_model(model_config, torch_dtype, task=task, num_labels=num_labels)
     galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args)
     run = _Run(
         model_config,
@@ -408,6 +460,8 @@ def estimate(
         seq_len,
         gradient_checkpointing,
         overhead_bytes,
+        task,
+        num_labels,
     )
     plan = _plan(run, label, batch_size, optim_target_modules)
     if device_bytes is not None:
@@ -420,7 +474,9 @@ def format_plan(plan: MemoryPlan) -> str:
     model, optimizer = plan.model, plan.optimizer
     galore = optimizer["name"] in GALORE_OPTIMIZERS
     lines = [
-        f"model: {model['source']}, {model['architecture']}, {model['parameters']:,} parameters "
+        f"model: {model['source']}, {model['architecture']} ({model['task']}"
+        + (f", {model['num_labels']} labels" if "num_labels" in model else "")
+        + f"), {model['parameters']:,} parameters "
         f"({model['trainable_parameters']:,} trainable), {model['dtype']}",
         f"optimizer: {optimizer['name']}" + (" (layer-wise updates)" if optimizer["layerwise"] else ""),
     ]
@@ -468,8 +524,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines += [
         "",
         "Exact: weights, gradients, optimizer state. Estimates: activations (Korthikanti et al. 2022, per layer",
-        "s*b*h*(34 + 5*a*s/h) bytes at 16 bits, plus logits and loss) and the SVD refresh workspace. Not counted:",
-        "CUDA context, allocator fragmentation, kernel temporaries (add them with --overhead).",
+        "s*b*h*(34 + 5*a*s/h) bytes at 16 bits, plus the head's logits and loss) and the SVD refresh workspace.",
+        "Not counted: CUDA context, allocator fragmentation, kernel temporaries (add them with --overhead).",
         *plan.notes,
     ]
     return "\n".join(lines)
@@ -491,6 +547,8 @@ def run_estimate(args: Namespace) -> None:
             gradient_checkpointing=args.gradient_checkpointing,
             device_memory=args.device_memory,
             overhead=args.overhead,
+            task=args.task,
+            num_labels=args.num_labels,
         )
     except (ValueError, TypeError) as error:
         raise SystemExit(f"hf-galore estimate: error: {error}") from None

@@ -1,11 +1,13 @@
 """The planner's maths: optimizer state, refresh workspace and activations of a training run, and the largest rank
 and batch that fit a device. Functions of shapes, dtypes and sizes only; `hf_galore.estimate` builds their inputs.
 
-* activations, per decoder layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", no recomputation; doubled at 32 bits), plus the head:
+* activations, per transformer layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models", no recomputation; doubled at 32 bits); an encoder layer's
+  bidirectional attention holds the same tensors as a decoder layer's causal one. Plus the head: for `causal-lm`,
   2·s·b·h values in the model dtype (final norm and LM-head inputs) and s·b·V·(dtype bytes + 8) for the logits, their
-  float32 copy and the loss's float32 log-softmax. With gradient checkpointing every layer keeps only its input
-  (s·b·h values) and one layer's activations are alive during its recomputation.
+  float32 copy and the loss's float32 log-softmax; for `sequence-classification`, the pooled output (b·h values) and
+  b·L·(dtype bytes + 8) for the L-label logits, their float32 copy and log-softmax. With gradient checkpointing every
+  layer keeps only its input (s·b·h values) and one layer's activations are alive during its recomputation.
 * refresh workspace: see `refresh_workspace`.
 """
 
@@ -108,10 +110,18 @@ def refresh_workspace(tensors: Mapping[TensorKind, int], config: GaLoreConfig, r
 
 
 def activation_bytes(
-    config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype, gradient_checkpointing: bool = False
+    config: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
+    task: str = "causal-lm",
+    num_labels: int = 2,
 ) -> int | None:
-    """Estimated bytes of activations kept for the backward pass (module docstring); None when the config lacks
-    hidden_size, num_hidden_layers, num_attention_heads or vocab_size."""
+    """Estimated bytes of activations kept for the backward pass (module docstring) of a `causal-lm` or a
+    `sequence-classification` model with `num_labels` labels; None when the config lacks hidden_size,
+    num_hidden_layers, num_attention_heads or vocab_size."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes = [getattr(text, key, None) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
     vocab = getattr(text, "vocab_size", None)
@@ -120,7 +130,10 @@ def activation_bytes(
     h, layers, heads = sizes
     s, b, k = seq_len, batch_size, dtype.itemsize
     layer = (34 * s * b * h + 5 * heads * s * s * b) * k // 2  # k/2: the formula counts 16-bit values
-    head = 2 * s * b * h * k + s * b * vocab * (k + 8)
+    if task == "sequence-classification":
+        head = b * h * k + b * num_labels * (k + 8)
+    else:
+        head = 2 * s * b * h * k + s * b * vocab * (k + 8)
     if gradient_checkpointing:
         return layers * s * b * h * k + layer + head
     return layers * layer + head
