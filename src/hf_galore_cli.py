@@ -123,6 +123,12 @@ def estimate_command_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="labels of the classification head (--task sequence-classification only; 2 when not given)",
     )
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        metavar="N",
+        help="plan one rank of FSDP2 over N processes (the largest rank's rows); not given: one process, no FSDP2",
+    )
     parser.add_argument("--overhead", default="0", metavar="SIZE", help="added to the total (CUDA context, slack)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
     parser.set_defaults(func=_estimate)

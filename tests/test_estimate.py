@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import (
     BertLMHeadModel,
     CodeGenConfig,
     GPT2Config,
+    LlamaConfig,
     T5Config,
     Trainer,
     TrainingArguments,
@@ -396,3 +398,91 @@ def test_galore_optimizers_unpack_as_class_form_layerwise():
     assert (optimizer_cls, form, layerwise) == (hf_galore.GaLoreAdamW8bit, "adamw8bit", True)
     assert GALORE_OPTIMIZERS["galore_adafactor"].form == "adafactor"
     assert not GALORE_OPTIMIZERS["galore_adafactor"].layerwise
+
+
+# Odd sizes, so that FSDP2's torch.chunk cut leaves rank 0 one row more: vocabulary 127, MLP 63, 2 KV heads.
+ODD_LLAMA = {
+    "vocab_size": 127,
+    "hidden_size": 32,
+    "intermediate_size": 63,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def _rows(m, world=2):
+    return -(-m // world)
+
+
+def _odd_llama():
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**ODD_LLAMA))
+
+
+def _odd_llama_shapes():
+    """(name, shape, GaLore target) of the odd LLaMA's trainable tensors, as attn,mlp selects them."""
+    model = _odd_llama()
+    return [
+        (name, tuple(p.shape), p.dim() == 2 and (".self_attn." in name or ".mlp." in name))
+        for name, p in model.named_parameters()
+    ]
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_fsdp_per_rank_state_weights_and_traffic_by_hand(tmp_path, method):
+    """N=2, largest rank: ⌈m/2⌉ rows of every weight, gradient and moment; the r×n right bases replicated."""
+    path = _config_json(tmp_path, LlamaConfig(**ODD_LLAMA))
+    rank, common = 4, {"optim_target_modules": "attn,mlp", "seq_len": 64}
+    args = f"rank={rank},refresh_method={method}"
+    plan = estimate(config=path, optim="galore_adamw", optim_args=args, fsdp=2, **common)
+    state = traffic = params = 0
+    buffers = sum(b.numel() * 4 for b in _odd_llama().buffers())  # replicated (the rotary frequencies)
+    for _, (m, *rest), target in _odd_llama_shapes():
+        n = rest[0] if rest else 1
+        params += _rows(m) * n * 4
+        if target:
+            r, k = min(rank, m, n), min(rank + 8, m, n)
+            state += 2 * _rows(m) * r * 4 + r * n * 4  # two moments on the rank's rows of G Qᵀ, basis Q (r×n)
+            traffic += 4 * m * n if method == "exact" else 3 * n * k * 4 + n * r * 4 + 2 * k * k * 4
+        else:
+            state += 2 * _rows(m) * n * 4
+    assert plan.fsdp == 2 and plan.optimizer_state == plan.state_by_optimizer["galore_adamw"] == state
+    assert plan.weights == params + buffers and plan.gradients == params
+    assert plan.refresh_communication == traffic and plan.step_communication == 0
+    parts = ("weights", "gradients", "optimizer_state", "refresh_workspace", "activations", "fsdp_buffers", "overhead")
+    assert plan.total == sum(getattr(plan, key) for key in parts)
+    one = estimate(config=path, optim="galore_adamw", optim_args=args, **common)
+    assert (one.fsdp, one.fsdp_buffers, one.refresh_communication, one.step_communication) == (None, 0, None, None)
+    assert plan.activations == one.activations and plan.optimizer_state < one.optimizer_state
+
+
+def test_fsdp_adafactor_layerwise_and_buffers_by_hand(tmp_path):
+    path = _config_json(tmp_path, LlamaConfig(**ODD_LLAMA))
+    common = {"optim_target_modules": "attn,mlp", "seq_len": 64, "fsdp": 2}
+    plan = estimate(config=path, optim="galore_adafactor_layerwise", optim_args="rank=4", **common)
+    shapes = _odd_llama_shapes()
+    state = sum(
+        _rows(m) * 4 + 4 * 4 + 4 * rest[0] * 4  # row statistic (m_i), column statistic (r), basis (r×n)
+        if target
+        else (_rows(m) + rest[0]) * 4
+        if rest
+        else _rows(m) * 4  # factored, or the full second moment of a vector
+        for _, (m, *rest), target in shapes
+    )
+    assert plan.optimizer_state == state
+    assert plan.step_communication == 14 * 4 * (4 + 2)  # 14 targets, each min(4, m, n) = 4 columns + 2 scalars
+    assert plan.gradients == max(_rows(m) * (rest[0] if rest else 1) * 4 for _, (m, *rest), _ in shapes)
+    # Unsharded: the root (embeddings, final norm, head) and one decoder layer, each with its gradient.
+    layer = sum(math.prod(shape) for name, shape, _ in shapes if name.startswith("model.layers.0."))
+    root = sum(math.prod(shape) for name, shape, _ in shapes if not name.startswith("model.layers."))
+    assert plan.fsdp_buffers == 2 * (layer + root) * 4
+
+
+def test_fsdp_refusals():
+    with pytest.raises(SystemExit, match=r"Invalid fsdp=0. Must be an int >= 1 \(the processes FSDP2 shards over\)"):
+        main(["estimate", *TINY, "--fsdp", "0"])
+    flags = [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "proj_type=left"]
+    with pytest.raises(SystemExit, match=r"Invalid proj_type='left' for the 64x64 targets, row-sharded by FSDP2"):
+        main(["estimate", *flags, "--fsdp", "2"])

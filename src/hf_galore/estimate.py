@@ -31,11 +31,13 @@ from .planner import (
     activation_bytes,
     largest_batch,
     largest_rank,
+    refresh_communication,
     refresh_workspace,
     state_bytes,
+    step_communication,
 )
 from .presets import preset_config
-from .report import format_table, gib, mib
+from .report import format_table, gib, human_bytes, mib
 from .targets import GaLoreTarget, select_targets
 from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
 
@@ -102,6 +104,10 @@ class MemoryPlan:
     overhead: int
     total: int
     state_by_optimizer: dict[str, int]
+    fsdp: int | None = None
+    fsdp_buffers: int = 0
+    refresh_communication: int | None = None
+    step_communication: int | None = None
     device_memory: int | None = None
     fits: bool | None = None
     largest_rank: int | None = None
@@ -287,6 +293,7 @@ class _Run:
     overhead: int
     task: str = "causal-lm"
     num_labels: int = 2
+    fsdp: int | None = None
     tensors: Counter[TensorKind] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -296,6 +303,10 @@ class _Run:
             for p in self.meta.parameters()
             if p.requires_grad and p.numel()
         )
+
+    def _nbytes(self, kind: TensorKind) -> int:
+        """A tensor's bytes in this process: all of it, or the largest rank's rows under FSDP2."""
+        return kind.nbytes if self.fsdp is None else kind.local_nbytes(self.fsdp)
 
     @property
     def galore(self) -> bool:
@@ -312,15 +323,37 @@ class _Run:
 
     @property
     def weights(self) -> int:
-        return sum(t.numel() * t.dtype.itemsize for t in [*self.meta.parameters(), *self.meta.buffers()])
+        """Parameters (each rank's rows under FSDP2) and buffers (replicated)."""
+        params = [TensorKind(tuple(p.shape), p.dtype, False) for p in self.meta.parameters() if p.numel()]
+        buffers = sum(t.numel() * t.dtype.itemsize for t in self.meta.buffers())
+        if self.fsdp is None:
+            return sum(t.numel() * t.dtype.itemsize for t in self.meta.parameters()) + buffers
+        return sum(self._nbytes(kind) for kind in params) + buffers
 
     @property
     def gradients_full(self) -> int:
-        return sum(t.nbytes * count for t, count in self.tensors.items())
+        return sum(self._nbytes(t) * count for t, count in self.tensors.items())
 
     @property
     def gradients_layerwise(self) -> int:
-        return max((t.nbytes for t in self.tensors), default=0)
+        return max((self._nbytes(t) for t in self.tensors), default=0)
+
+    @property
+    def fsdp_buffers(self) -> int:
+        """FSDP2's unsharded parameters and gradients alive at the peak of backward (0 without FSDP2): the root
+        unit (everything outside the wrapped layers: embeddings, final norm, head), gathered through forward and
+        backward and reduce-scattered at its end, plus the largest wrapped layer with its gradient."""
+        return 0 if self.fsdp is None else sum(_wrap_units(self.meta))
+
+    @property
+    def refresh_communication(self) -> int | None:
+        if self.fsdp is None or not self.galore:
+            return None
+        return refresh_communication(self.tensors, self.galore_config, self.rank, self.fsdp)
+
+    @property
+    def step_communication(self) -> int | None:
+        return None if self.fsdp is None else step_communication(self.tensors, self.optim, self.rank, self.fsdp)
 
     @property
     def gradients(self) -> int:
@@ -329,10 +362,14 @@ class _Run:
     def state(self, optim: str, rank: int | None = None) -> int:
         rank = self.rank if rank is None else rank
         proj_type = "std" if self.galore_config is None else self.galore_config.proj_type
-        return state_bytes(self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size)
+        return state_bytes(
+            self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size, world=self.fsdp
+        )
 
     def workspace(self, rank: int | None = None) -> int:
-        return refresh_workspace(self.tensors, self.galore_config, rank or self.rank) if self.galore else 0
+        if not self.galore:
+            return 0
+        return refresh_workspace(self.tensors, self.galore_config, rank or self.rank, world=self.fsdp)
 
     def activations(self, batch_size: int) -> int | None:
         return activation_bytes(
@@ -347,7 +384,31 @@ class _Run:
 
     def without_activations(self, rank: int | None = None) -> int:
         """Everything but the activations, at the configured rank or `rank`."""
-        return self.weights + self.gradients + self.state(self.optim, rank) + self.workspace(rank) + self.overhead
+        fixed = self.weights + self.gradients + self.fsdp_buffers + self.overhead
+        return fixed + self.state(self.optim, rank) + self.workspace(rank)
+
+
+def _wrap_units(meta: torch.nn.Module) -> tuple[int, int, int, int]:
+    """FSDP2's wrap units as accelerate and transformers build them (`fully_shard` on every module of a class in
+    `_no_split_modules`, then on the root): (root parameters, root gradients, largest layer's parameters, its
+    gradients), unsharded bytes."""
+    classes = set(getattr(meta, "_no_split_modules", None) or ())
+    layers: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in meta.modules():
+        if id(module) in inside or module is meta or type(module).__name__ not in classes:
+            continue
+        layers.append(module)
+        inside.update(id(sub) for sub in module.modules())
+
+    def sizes(params: list[torch.nn.Parameter]) -> tuple[int, int]:
+        weights = sum(p.numel() * p.dtype.itemsize for p in params)
+        return weights, sum(p.numel() * p.dtype.itemsize for p in params if p.requires_grad)
+
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sizes([p for p in meta.parameters() if id(p) not in in_layers])
+    largest = max((sizes(list(layer.parameters())) for layer in layers), default=(0, 0))
+    return (*root, *largest)
 
 
 def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> MemoryPlan:
@@ -389,6 +450,10 @@ def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> Memory
         overhead=run.overhead,
         total=run.without_activations() + (activations or 0),
         state_by_optimizer=by_optimizer,
+        fsdp=run.fsdp,
+        fsdp_buffers=run.fsdp_buffers,
+        refresh_communication=run.refresh_communication,
+        step_communication=run.step_communication,
     )
     if activations is None:
         plan.notes.append(
@@ -424,17 +489,24 @@ def estimate(
     overhead: str | int = 0,
     task: str = "causal-lm",
     num_labels: int | None = None,
+    fsdp: int | None = None,
 ) -> MemoryPlan:
     """Plan a training run's memory from the same flags as training (model source, `--optim*`), dtype and
     batch/sequence, so a user learns whether it fits before renting the device.
 
     `task`: `causal-lm` (AutoModelForCausalLM) or `sequence-classification` (AutoModelForSequenceClassification,
-    with `num_labels` labels, 2 when not given; `num_labels` is refused for `causal-lm`)."""
+    with `num_labels` labels, 2 when not given; `num_labels` is refused for `causal-lm`).
+    `fsdp`: plan one rank of FSDP2 over that many processes (the largest rank's rows); None plans one process
+    without FSDP2."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}. Must be an int >= 1.")
+    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
+        raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
     if task not in TASKS:
         raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
+    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
+        raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
     if num_labels is not None and task != "sequence-classification":
         raise ValueError(
             f"Invalid num_labels={num_labels!r} with task={task!r}: only task='sequence-classification' has labels."
@@ -462,6 +534,7 @@ def estimate(
         overhead_bytes,
         task,
         num_labels,
+        fsdp,
     )
     plan = _plan(run, label, batch_size, optim_target_modules)
     if device_bytes is not None:
@@ -488,7 +561,13 @@ def format_plan(plan: MemoryPlan) -> str:
             f"parameters) from optim_target_modules={optimizer['target_modules']!r}"
         )
     checkpointing = "with" if plan.gradient_checkpointing else "no"
-    lines += [f"batch {plan.batch_size} x sequence {plan.seq_len}, {checkpointing} gradient checkpointing", ""]
+    lines.append(f"batch {plan.batch_size} x sequence {plan.seq_len}, {checkpointing} gradient checkpointing")
+    if plan.fsdp is not None:
+        lines.append(
+            f"FSDP2 over {plan.fsdp} processes: figures per rank, for the largest rank (ceil(m/{plan.fsdp}) rows of "
+            "every weight, gradient and moment; GaLore bases replicated)"
+        )
+    lines.append("")
     grads = "layer-wise: the largest tensor's" if optimizer["layerwise"] else "full"
     figures = [
         (f"weights and buffers ({model['dtype']})", plan.weights),
@@ -496,11 +575,18 @@ def format_plan(plan: MemoryPlan) -> str:
         ("optimizer state", plan.optimizer_state),
         ("basis refresh workspace (estimate)", plan.refresh_workspace),
         ("activations (estimate)", plan.activations),
+        *([("FSDP2 unsharded root + one layer, with gradients", plan.fsdp_buffers)] if plan.fsdp is not None else []),
         ("overhead (--overhead)", plan.overhead),
         ("total", plan.total),
     ]
     rows = [(name, "unknown", "") if count is None else (name, mib(count), gib(count)) for name, count in figures]
     lines.append(format_table(("memory", "MiB", "GiB"), rows, right={1, 2}))
+    if plan.refresh_communication is not None:
+        lines.append(
+            f"FSDP2 refresh traffic per rank, every target refreshing once: {human_bytes(plan.refresh_communication)}"
+        )
+    if plan.step_communication:
+        lines.append(f"FSDP2 Adafactor all-reduce per rank and step: {human_bytes(plan.step_communication)}")
     if plan.device_memory is not None:
         spare = plan.device_memory - plan.total
         verdict = f"fits, {gib(spare)} GiB to spare" if plan.fits else f"does NOT fit, {gib(-spare)} GiB short"
@@ -549,6 +635,7 @@ def run_estimate(args: Namespace) -> None:
             overhead=args.overhead,
             task=args.task,
             num_labels=args.num_labels,
+            fsdp=args.fsdp,
         )
     except (ValueError, TypeError) as error:
         raise SystemExit(f"hf-galore estimate: error: {error}") from None
