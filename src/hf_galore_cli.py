@@ -27,7 +27,16 @@ ESTIMATE_OPTIMIZERS = (
     "adamw_8bit",
     "adafactor",
 )
-PRESET_NAMES = ("llama-tiny", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b")
+PRESET_NAMES = (
+    "llama-tiny",
+    "llama-60m",
+    "llama-130m",
+    "llama-350m",
+    "llama-1b",
+    "llama-7b",
+    "llama-13b",
+    "llama-70b",
+)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from argparse import Namespace
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -321,7 +322,7 @@ class _Run:
         """The configured rank (of the galore_* rows too when a plain optimizer is planned with targets)."""
         return None if self.galore_config is None else self.galore_config.rank
 
-    @property
+    @cached_property
     def weights(self) -> int:
         """Parameters (each rank's rows under FSDP2) and buffers (replicated)."""
         params = [TensorKind(tuple(p.shape), p.dtype, False) for p in self.meta.parameters() if p.numel()]
@@ -338,7 +339,7 @@ class _Run:
     def gradients_layerwise(self) -> int:
         return max((self._nbytes(t) for t in self.tensors), default=0)
 
-    @property
+    @cached_property
     def fsdp_buffers(self) -> int:
         """FSDP2's unsharded parameters and gradients alive at the peak of backward (0 without FSDP2): the root
         unit (everything outside the wrapped layers: embeddings, final norm, head), gathered through forward and
