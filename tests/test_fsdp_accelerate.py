@@ -154,7 +154,7 @@ def _state_after_one_step(rank: int) -> dict[str, int]:
         optimizer = cls(model.parameters(), **kwargs)
         inner = optimizer
         model, optimizer = accelerator._prepare_fsdp2(model, optimizer)
-        ids = torch.randint(0, 127, (1, 16), generator=torch.Generator().manual_seed(rank))
+        ids = torch.randint(0, ODD_LLAMA["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(rank))
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         held[optim] = optimizer_state_bytes(inner)

@@ -10,7 +10,6 @@ Not counted: the CUDA context, allocator fragmentation and kernel temporaries (a
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,6 +25,15 @@ import torch
 
 from .config import GaLoreConfig, parse_optim_args
 from .inner import MIN_8BIT_SIZE
+from .meta_model import (
+    TASKS,
+    build_meta_model,
+    check_causal_lm,
+    check_seq_len,
+    check_task,
+    fsdp_wrap_units,
+    load_model_config,
+)
 from .planner import (
     PLAIN_OPTIMIZERS,
     TensorKind,
@@ -37,7 +45,6 @@ from .planner import (
     state_bytes,
     step_communication,
 )
-from .presets import preset_config
 from .report import format_table, gib, human_bytes, mib
 from .targets import GaLoreTarget, select_targets
 from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
@@ -45,9 +52,9 @@ from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
 __all__ = [
     "DTYPES",
     "PLAIN_OPTIMIZERS",
+    "TASKS",
     "MemoryPlan",
     "activation_bytes",
-    "TASKS",
     "build_meta_model",
     "check_causal_lm",
     "check_task",
@@ -61,11 +68,6 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# task -> the transformers Auto class that builds the planned model
-TASKS: dict[str, str] = {
-    "causal-lm": "AutoModelForCausalLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-}
 _COMPARED_GALORE = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
 _COMPARED_PLAIN = ("adamw_torch", "adamw_bnb_8bit")
 _UNITS = {
@@ -139,108 +141,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         accepted = ", ".join([*DTYPES, *_DTYPE_ALIASES])
         raise ValueError(f"Invalid dtype={name!r}. Must be one of {accepted}.")
     return DTYPES[key]
-
-
-def load_model_config(
-    *, preset: str | None = None, config: str | os.PathLike | None = None, model: str | None = None
-) -> tuple[Any, str]:
-    """The model config and a label for it, from exactly one of: a preset, a local config.json (or its folder), or
-    a model id / folder for `AutoConfig.from_pretrained` (a hub id needs the network or the local cache)."""
-    from transformers import AutoConfig
-
-    if sum(source is not None for source in (preset, config, model)) != 1:
-        raise ValueError(
-            "Give exactly one model source: preset=, config= (a config.json path) or model= (a model id)."
-        )
-    if preset is not None:
-        return preset_config(preset), f"{preset} (preset)"
-    if config is not None:
-        path = os.fspath(config)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise ValueError(f"Invalid config={path!r}: no such file {file!r}. Pass a config.json or its folder.")
-        try:
-            return AutoConfig.from_pretrained(file), file
-        except (ValueError, OSError, KeyError) as error:
-            raise ValueError(f"Invalid config={file!r}: transformers cannot read it ({error}).") from None
-    try:
-        return AutoConfig.from_pretrained(model, local_files_only=True), model  # a folder, or the cache: no network
-    except (ValueError, OSError):
-        pass
-    try:
-        return AutoConfig.from_pretrained(model), model
-    except (ValueError, OSError) as error:
-        raise ValueError(
-            f"Cannot load the config of model={model!r} ({str(error).splitlines()[0]}). A hub id needs the network "
-            "or the local Hugging Face cache (HF_HUB_OFFLINE=1 skips the network); offline, pass "
-            "--config PATH/config.json or --preset NAME."
-        ) from None
-
-
-def check_task(config: Any, task: str) -> None:
-    """Refuse, naming the model type and the task, a config the planner cannot plan for `task` (`TASKS`):
-    encoder-decoder models (the activation formula is one stack's), for `causal-lm` encoders (masked LMs) not marked
-    `is_decoder`, and model types the task's Auto class cannot build."""
-    from transformers import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        MODEL_FOR_MASKED_LM_MAPPING,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
-    )
-
-    if task not in TASKS:
-        raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if task == "causal-lm" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-    if getattr(config, "is_encoder_decoder", False):
-        reason = "an encoder-decoder model"
-    elif (
-        task == "causal-lm"
-        and type(config) in MODEL_FOR_MASKED_LM_MAPPING
-        and not getattr(config, "is_decoder", False)
-    ):
-        reason = "an encoder (masked LM) and its config has is_decoder=false"
-    elif type(config) not in mapping:
-        reason = f"not a model type {TASKS[task]} can build"
-    else:
-        return
-    raise ValueError(
-        f"Cannot plan model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}) for "
-        f"task={task!r}: it is {reason}. task='causal-lm' plans causal language models as AutoModelForCausalLM "
-        "builds them (llama, mistral, qwen2, gpt2, ...; an encoder such as BERT only with is_decoder=true in its "
-        "config); task='sequence-classification' (--task sequence-classification) plans an encoder or decoder with "
-        "a classification head as AutoModelForSequenceClassification builds it."
-    )
-
-
-def check_causal_lm(config: Any) -> None:
-    """`check_task(config, "causal-lm")`."""
-    check_task(config, "causal-lm")
-
-
-def _check_seq_len(config: Any, seq_len: int) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(
-            f"Invalid seq_len={seq_len}: longer than the model's max_position_embeddings={limit}. "
-            f"Pass --seq-len {limit} or less."
-        )
-
-
-def build_meta_model(
-    config: Any, dtype: torch.dtype, *, task: str = "causal-lm", num_labels: int = 2
-) -> torch.nn.Module:
-    """The model of `config` for `task` on the meta device, in `dtype`: every shape and dtype, no memory. For
-    `sequence-classification` the head has `num_labels` outputs (the config itself is not changed). A config that
-    cannot be built for the task raises a `ValueError` (see `check_task`)."""
-    import transformers
-
-    check_task(config, task)
-    if task == "sequence-classification":
-        config = copy.deepcopy(config)
-        config.num_labels = num_labels
-    auto_class = getattr(transformers, TASKS[task])
-    with torch.device("meta"):
-        return auto_class.from_config(config, dtype=dtype)
 
 
 def _optimizer_setup(
@@ -344,7 +244,7 @@ class _Run:
         """FSDP2's unsharded parameters and gradients alive at the peak of backward (0 without FSDP2): the root
         unit (everything outside the wrapped layers: embeddings, final norm, head), gathered through forward and
         backward and reduce-scattered at its end, plus the largest wrapped layer with its gradient."""
-        return 0 if self.fsdp is None else sum(_wrap_units(self.meta))
+        return 0 if self.fsdp is None else sum(fsdp_wrap_units(self.meta))
 
     @property
     def refresh_communication(self) -> int | None:
@@ -387,29 +287,6 @@ class _Run:
         """Everything but the activations, at the configured rank or `rank`."""
         fixed = self.weights + self.gradients + self.fsdp_buffers + self.overhead
         return fixed + self.state(self.optim, rank) + self.workspace(rank)
-
-
-def _wrap_units(meta: torch.nn.Module) -> tuple[int, int, int, int]:
-    """FSDP2's wrap units as accelerate and transformers build them (`fully_shard` on every module of a class in
-    `_no_split_modules`, then on the root): (root parameters, root gradients, largest layer's parameters, its
-    gradients), unsharded bytes."""
-    classes = set(getattr(meta, "_no_split_modules", None) or ())
-    layers: list[torch.nn.Module] = []
-    inside: set[int] = set()
-    for module in meta.modules():
-        if id(module) in inside or module is meta or type(module).__name__ not in classes:
-            continue
-        layers.append(module)
-        inside.update(id(sub) for sub in module.modules())
-
-    def sizes(params: list[torch.nn.Parameter]) -> tuple[int, int]:
-        weights = sum(p.numel() * p.dtype.itemsize for p in params)
-        return weights, sum(p.numel() * p.dtype.itemsize for p in params if p.requires_grad)
-
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    root = sizes([p for p in meta.parameters() if id(p) not in in_layers])
-    largest = max((sizes(list(layer.parameters())) for layer in layers), default=(0, 0))
-    return (*root, *largest)
 
 
 def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> MemoryPlan:
@@ -519,7 +396,7 @@ def estimate(
     device_bytes = None if device_memory is None else parse_memory_size(device_memory)
     overhead_bytes = parse_memory_size(overhead)
     model_config, label = load_model_config(preset=preset, config=config, model=model)
-    _check_seq_len(model_config, seq_len)
+    check_seq_len(model_config, seq_len)
     meta = build_meta_model(model_config, torch_dtype, task=task, num_labels=num_labels)
     galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args)
     run = _Run(
