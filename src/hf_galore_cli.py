@@ -27,7 +27,16 @@ ESTIMATE_OPTIMIZERS = (
     "adamw_8bit",
     "adafactor",
 )
-PRESET_NAMES = ("llama-tiny", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b")
+PRESET_NAMES = (
+    "llama-tiny",
+    "llama-60m",
+    "llama-130m",
+    "llama-350m",
+    "llama-1b",
+    "llama-7b",
+    "llama-13b",
+    "llama-70b",
+)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -70,7 +79,7 @@ def estimate_command_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "estimate",
         help="plan the memory of a training run (weights, gradients, optimizer state, activations) offline",
-        description="Plan a causal LM run's memory on the meta device (no weights loaded). Paste your training flags.",
+        description="Plan a training run's memory on the meta device (no weights loaded). Paste your training flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -109,6 +118,25 @@ def estimate_command_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--device-memory", "--device_memory", metavar="SIZE", help="device size: 24GB, 24GiB, 80G or bytes"
+    )
+    parser.add_argument(
+        "--task",
+        default="causal-lm",
+        choices=("causal-lm", "sequence-classification"),
+        help="the head planned: AutoModelForCausalLM or AutoModelForSequenceClassification",
+    )
+    parser.add_argument(
+        "--num-labels",
+        "--num_labels",
+        type=int,
+        metavar="N",
+        help="labels of the classification head (--task sequence-classification only; 2 when not given)",
+    )
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        metavar="N",
+        help="plan one rank of FSDP2 over N processes (the largest rank's rows); not given: one process, no FSDP2",
     )
     parser.add_argument("--overhead", default="0", metavar="SIZE", help="added to the total (CUDA context, slack)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON only")

@@ -48,3 +48,22 @@ def test_refresh_cost_benchmark_quick(tmp_path):
     exact, lazy = policies["exact"], policies["randomized + lazy 0.4"]
     assert lazy["refreshes"] <= exact["refreshes"]
     assert all(row["final_loss"] > 0 for row in report["training"])
+
+
+def test_fsdp_plan_benchmark_quick(tmp_path, capsys):
+    output = tmp_path / "fsdp.json"
+    report = _load("fsdp_plan").main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text()) == report
+    plans = {(run["optimizer"], run["gpus"]): run["plan"] for run in report["runs"]}
+    assert len(plans) == 4 * 2 and "8-bit GaLore, layer-wise" in capsys.readouterr().out
+    for optimizer in ("AdamW", "8-bit AdamW", "GaLore", "8-bit GaLore, layer-wise"):
+        one, two = plans[optimizer, 1], plans[optimizer, 2]
+        assert one["fsdp"] is None and one["fsdp_buffers"] == 0 and two["fsdp"] == 2 and two["fsdp_buffers"] > 0
+        assert two["weights"] < one["weights"] and two["gradients"] < one["gradients"]
+    # GaLore's bases are replicated: its state shrinks less than AdamW's does when sharded
+    galore, adamw = (
+        plans["GaLore", 2]["optimizer_state"] / plans["GaLore", 1]["optimizer_state"],
+        plans["AdamW", 2]["optimizer_state"] / plans["AdamW", 1]["optimizer_state"],
+    )
+    assert adamw < galore < 1
+    assert plans["GaLore", 2]["refresh_communication"] > 0 and plans["AdamW", 2]["refresh_communication"] is None

@@ -2,15 +2,20 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     BertConfig,
+    BertForSequenceClassification,
     BertLMHeadModel,
+    CodeGenConfig,
     GPT2Config,
+    LlamaConfig,
     T5Config,
     Trainer,
     TrainingArguments,
@@ -46,10 +51,12 @@ def gpt2_config_dir(tmp_path):
     return tmp_path / "gpt2"
 
 
-def real_state_bytes(config, optim, optim_args, dtype, tmp_path):
-    """Build the real model and the optimizer the Trainer would build for these flags, step once, measure."""
+def real_state_bytes(config, optim, optim_args, dtype, tmp_path, *, classify=False):
+    """Build the real model (a causal LM, or with `classify` a sequence classifier) and the optimizer the Trainer
+    would build for these flags, step once, measure."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    model = auto_class.from_config(config, dtype=dtype)
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         optim=optim,
@@ -62,7 +69,8 @@ def real_state_bytes(config, optim, optim_args, dtype, tmp_path):
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer = optimizer_cls(model.parameters(), **kwargs)
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(tokens, labels=tokens).loss.backward()
+    labels = torch.tensor([0, config.num_labels - 1]) if classify else tokens
+    model(tokens, labels=labels).loss.backward()
     optimizer.step()
     return hf_galore.optimizer_state_bytes(optimizer)
 
@@ -277,11 +285,87 @@ def test_encoder_config_is_refused_naming_its_model_type(tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["estimate", "--config", path])
     assert str(error.value) == (
-        "hf-galore estimate: error: Cannot plan model_type='bert' (BertConfig): it is an encoder (masked LM) and its "
-        "config has is_decoder=false. The planner plans causal language models as AutoModelForCausalLM builds them "
-        "(llama, mistral, qwen2, gpt2, ...); an encoder such as BERT is planned as its causal-LM form "
-        "(BertLMHeadModel) only with is_decoder=true in its config."
+        "hf-galore estimate: error: Cannot plan model_type='bert' (BertConfig) for task='causal-lm': it is an encoder "
+        "(masked LM) and its config has is_decoder=false. task='causal-lm' plans causal language models as "
+        "AutoModelForCausalLM builds them (llama, mistral, qwen2, gpt2, ...; an encoder such as BERT only with "
+        "is_decoder=true in its config); task='sequence-classification' (--task sequence-classification) plans an "
+        "encoder or decoder with a classification head as AutoModelForSequenceClassification builds it."
     )
+
+
+# id -> (optim, optim_args, dtype, num_labels)
+CLASSIFIER_CASES = {
+    "galore_adamw_8bit-fp32-2labels": ("galore_adamw_8bit", "rank=4,min_8bit_size=256", "float32", None),
+    "galore_adamw-bf16-3labels": ("galore_adamw", "rank=4", "bfloat16", 3),
+    "galore_adafactor-fp32-5labels": ("galore_adafactor", "rank=4", "float32", 5),
+}
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args", "dtype", "num_labels"), CLASSIFIER_CASES.values(), ids=CLASSIFIER_CASES.keys()
+)
+def test_encoder_sequence_classification_state_equals_the_real_optimizer(
+    capsys, tmp_path, optim, optim_args, dtype, num_labels
+):
+    config = BertConfig(**BERT_TINY, num_labels=num_labels or 2)
+    flags = ["--config", _config_json(tmp_path, BertConfig(**BERT_TINY)), "--task", "sequence-classification"]
+    flags += ["--optim", optim, "--optim_target_modules", "attn,mlp", "--optim_args", optim_args, "--dtype", dtype]
+    plan = run_cli(capsys, *flags, *(["--num-labels", str(num_labels)] if num_labels else []))
+    real = real_state_bytes(config, optim, optim_args, getattr(torch, dtype), tmp_path, classify=True)
+    assert plan["optimizer_state"] == real
+    assert plan["model"]["architecture"] == "BertForSequenceClassification"
+    assert plan["model"]["task"] == "sequence-classification" and plan["model"]["num_labels"] == config.num_labels
+    assert plan["model"]["parameters"] == BertForSequenceClassification(config).num_parameters()
+
+
+def test_classification_activations_replace_the_logits_by_pooled_output_and_labels(tmp_path):
+    config = BertConfig(**BERT_TINY)
+    s, b, h, a, layers, labels = 64, 4, 32, 2, 2, 3
+    per_layer = s * b * h * (34 + 5 * a * s // h)  # 16-bit bytes; float32 doubles them
+    expected = 2 * layers * per_layer + b * h * 4 + b * labels * (4 + 8)
+    common = {"batch_size": b, "seq_len": s, "dtype": torch.float32}
+    assert activation_bytes(config, **common, task="sequence-classification", num_labels=labels) == expected
+    path = _config_json(tmp_path, config)
+    plan = estimate(config=path, task="sequence-classification", num_labels=labels, seq_len=s, batch_size=b)
+    assert plan.activations == expected
+
+
+TASK_REFUSALS = {
+    "no-classifier": (
+        "codegen",
+        ["--task", "sequence-classification"],
+        "Cannot plan model_type='codegen' (CodeGenConfig) for task='sequence-classification': it is not a model "
+        "type AutoModelForSequenceClassification can build.",
+    ),
+    "encoder-decoder-classifier": (
+        "t5",
+        ["--task", "sequence-classification"],
+        "Cannot plan model_type='t5' (T5Config) for task='sequence-classification': it is an encoder-decoder model.",
+    ),
+    "labels-without-classifier": ("bert", ["--num-labels", "3"], "Invalid num_labels=3 with task='causal-lm'"),
+    "zero-labels": (
+        "bert",
+        ["--task", "sequence-classification", "--num-labels", "0"],
+        "Invalid num_labels=0. Must be an int >= 1.",
+    ),
+}
+TASK_CONFIGS = {
+    "codegen": lambda: CodeGenConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64),
+    "t5": lambda: T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2),
+    "bert": lambda: BertConfig(**BERT_TINY),
+}
+
+
+@pytest.mark.parametrize(("model_type", "flags", "message"), TASK_REFUSALS.values(), ids=TASK_REFUSALS.keys())
+def test_task_a_config_cannot_be_built_for_is_refused(tmp_path, model_type, flags, message):
+    with pytest.raises(SystemExit) as error:
+        main(["estimate", "--config", _config_json(tmp_path, TASK_CONFIGS[model_type]()), "--seq-len", "64", *flags])
+    assert message in str(error.value)
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match=r"Invalid task='token-classification'. Must be one of causal-lm, seq"):
+        estimate(preset="llama-tiny", task="token-classification")
 
 
 def test_encoder_marked_as_decoder_is_planned_as_its_causal_lm(capsys, tmp_path):
@@ -293,7 +377,9 @@ def test_encoder_marked_as_decoder_is_planned_as_its_causal_lm(capsys, tmp_path)
 
 def test_encoder_decoder_config_is_refused(tmp_path):
     path = _config_json(tmp_path, T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2))
-    with pytest.raises(SystemExit, match=r"Cannot plan model_type='t5' \(T5Config\): it is an encoder-decoder model"):
+    with pytest.raises(
+        SystemExit, match=r"Cannot plan model_type='t5' \(T5Config\) for task='causal-lm': it is an encoder-decoder"
+    ):
         main(["estimate", "--config", path])
 
 
@@ -312,3 +398,91 @@ def test_galore_optimizers_unpack_as_class_form_layerwise():
     assert (optimizer_cls, form, layerwise) == (hf_galore.GaLoreAdamW8bit, "adamw8bit", True)
     assert GALORE_OPTIMIZERS["galore_adafactor"].form == "adafactor"
     assert not GALORE_OPTIMIZERS["galore_adafactor"].layerwise
+
+
+# Odd sizes, so that FSDP2's torch.chunk cut leaves rank 0 one row more: vocabulary 127, MLP 63, 2 KV heads.
+ODD_LLAMA = {
+    "vocab_size": 127,
+    "hidden_size": 32,
+    "intermediate_size": 63,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def _rows(m, world=2):
+    return -(-m // world)
+
+
+def _odd_llama():
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**ODD_LLAMA))
+
+
+def _odd_llama_shapes():
+    """(name, shape, GaLore target) of the odd LLaMA's trainable tensors, as attn,mlp selects them."""
+    model = _odd_llama()
+    return [
+        (name, tuple(p.shape), p.dim() == 2 and (".self_attn." in name or ".mlp." in name))
+        for name, p in model.named_parameters()
+    ]
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_fsdp_per_rank_state_weights_and_traffic_by_hand(tmp_path, method):
+    """N=2, largest rank: ⌈m/2⌉ rows of every weight, gradient and moment; the r×n right bases replicated."""
+    path = _config_json(tmp_path, LlamaConfig(**ODD_LLAMA))
+    rank, common = 4, {"optim_target_modules": "attn,mlp", "seq_len": 64}
+    args = f"rank={rank},refresh_method={method}"
+    plan = estimate(config=path, optim="galore_adamw", optim_args=args, fsdp=2, **common)
+    state = traffic = params = 0
+    buffers = sum(b.numel() * 4 for b in _odd_llama().buffers())  # replicated (the rotary frequencies)
+    for _, (m, *rest), target in _odd_llama_shapes():
+        n = rest[0] if rest else 1
+        params += _rows(m) * n * 4
+        if target:
+            r, k = min(rank, m, n), min(rank + 8, m, n)
+            state += 2 * _rows(m) * r * 4 + r * n * 4  # two moments on the rank's rows of G Qᵀ, basis Q (r×n)
+            traffic += 4 * m * n if method == "exact" else 3 * n * k * 4 + n * r * 4 + 2 * k * k * 4
+        else:
+            state += 2 * _rows(m) * n * 4
+    assert plan.fsdp == 2 and plan.optimizer_state == plan.state_by_optimizer["galore_adamw"] == state
+    assert plan.weights == params + buffers and plan.gradients == params
+    assert plan.refresh_communication == traffic and plan.step_communication == 0
+    parts = ("weights", "gradients", "optimizer_state", "refresh_workspace", "activations", "fsdp_buffers", "overhead")
+    assert plan.total == sum(getattr(plan, key) for key in parts)
+    one = estimate(config=path, optim="galore_adamw", optim_args=args, **common)
+    assert (one.fsdp, one.fsdp_buffers, one.refresh_communication, one.step_communication) == (None, 0, None, None)
+    assert plan.activations == one.activations and plan.optimizer_state < one.optimizer_state
+
+
+def test_fsdp_adafactor_layerwise_and_buffers_by_hand(tmp_path):
+    path = _config_json(tmp_path, LlamaConfig(**ODD_LLAMA))
+    common = {"optim_target_modules": "attn,mlp", "seq_len": 64, "fsdp": 2}
+    plan = estimate(config=path, optim="galore_adafactor_layerwise", optim_args="rank=4", **common)
+    shapes = _odd_llama_shapes()
+    state = sum(
+        _rows(m) * 4 + 4 * 4 + 4 * rest[0] * 4  # row statistic (m_i), column statistic (r), basis (r×n)
+        if target
+        else (_rows(m) + rest[0]) * 4
+        if rest
+        else _rows(m) * 4  # factored, or the full second moment of a vector
+        for _, (m, *rest), target in shapes
+    )
+    assert plan.optimizer_state == state
+    assert plan.step_communication == 14 * 4 * (4 + 2)  # 14 targets, each min(4, m, n) = 4 columns + 2 scalars
+    assert plan.gradients == max(_rows(m) * (rest[0] if rest else 1) * 4 for _, (m, *rest), _ in shapes)
+    # Unsharded: the root (embeddings, final norm, head) and one decoder layer, each with its gradient.
+    layer = sum(math.prod(shape) for name, shape, _ in shapes if name.startswith("model.layers.0."))
+    root = sum(math.prod(shape) for name, shape, _ in shapes if not name.startswith("model.layers."))
+    assert plan.fsdp_buffers == 2 * (layer + root) * 4
+
+
+def test_fsdp_refusals():
+    with pytest.raises(SystemExit, match=r"Invalid fsdp=0. Must be an int >= 1 \(the processes FSDP2 shards over\)"):
+        main(["estimate", *TINY, "--fsdp", "0"])
+    flags = [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "proj_type=left"]
+    with pytest.raises(SystemExit, match=r"Invalid proj_type='left' for the 64x64 targets, row-sharded by FSDP2"):
+        main(["estimate", *flags, "--fsdp", "2"])

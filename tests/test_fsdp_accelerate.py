@@ -106,3 +106,76 @@ def test_the_trainers_fsdp2_sequence_equals_one_process(tmp_path, optim):
         for name, param in reference.named_parameters():
             torch.testing.assert_close(result["weights"][name], param.detach(), atol=1e-4, rtol=0, msg=name)
     assert results[0]["state_entries"] == sum(1 for p in reference.parameters() if p.requires_grad)
+
+
+# Odd sizes (vocabulary 127, MLP 63), so rank 0 holds one row more than rank 1: the rank the planner plans.
+ODD_LLAMA = {"vocab_size": 127, "hidden_size": 32, "intermediate_size": 63, "num_hidden_layers": 2}
+ODD_LLAMA.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+# optim -> optim_args; min_8bit_size=200 puts the 63x32 targets' projected moments (252 values whole, 128 on
+# rank 0) on the 8-bit path by the whole tensor's size
+PLANNED = {
+    "galore_adamw": "rank=4,refresh_method=exact",
+    "galore_adamw_8bit": "rank=4,min_8bit_size=200",
+    "galore_adafactor": "rank=4",
+    "adamw_torch": None,
+}
+
+
+def _state_after_one_step(rank: int) -> dict[str, int]:
+    """Each optimizer of PLANNED, built as the Trainer builds it and sharded by accelerate's FSDP2 preparation, one
+    step: the bytes its state holds on this rank."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_galore import optimizer_state_bytes
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    held = {}
+    for optim, optim_args in PLANNED.items():
+        args = TrainingArguments(
+            output_dir="unused",
+            optim=optim,
+            optim_target_modules="attn,mlp" if optim_args else None,
+            optim_args=optim_args,
+            use_cpu=True,
+            report_to="none",
+        )
+        accelerator = Accelerator(cpu=True)
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**ODD_LLAMA))
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        optimizer = cls(model.parameters(), **kwargs)
+        inner = optimizer
+        model, optimizer = accelerator._prepare_fsdp2(model, optimizer)
+        ids = torch.randint(0, ODD_LLAMA["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(rank))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        held[optim] = optimizer_state_bytes(inner)
+    return held
+
+
+def test_planned_fsdp_state_per_rank_equals_the_sharded_optimizers(tmp_path):
+    from transformers import LlamaConfig
+
+    from hf_galore.estimate import estimate
+
+    ranks = run_on_ranks(tmp_path, _state_after_one_step)
+    LlamaConfig(**ODD_LLAMA).save_pretrained(tmp_path / "model")
+    for optim, optim_args in PLANNED.items():
+        plan = estimate(
+            config=tmp_path / "model",
+            optim=optim,
+            optim_target_modules="attn,mlp" if optim_args else None,
+            optim_args=optim_args,
+            seq_len=16,
+            fsdp=WORLD,
+        )
+        assert ranks[0][optim] > ranks[1][optim], optim  # rank 0 holds the extra rows
+        assert plan.optimizer_state == ranks[0][optim], optim

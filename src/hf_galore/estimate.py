@@ -18,33 +18,46 @@ from argparse import Namespace
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from .config import GaLoreConfig, parse_optim_args
 from .inner import MIN_8BIT_SIZE
+from .meta_model import (
+    TASKS,
+    build_meta_model,
+    check_causal_lm,
+    check_seq_len,
+    check_task,
+    fsdp_wrap_units,
+    load_model_config,
+)
 from .planner import (
     PLAIN_OPTIMIZERS,
     TensorKind,
     activation_bytes,
     largest_batch,
     largest_rank,
+    refresh_communication,
     refresh_workspace,
     state_bytes,
+    step_communication,
 )
-from .presets import preset_config
-from .report import format_table, gib, mib
+from .report import format_table, gib, human_bytes, mib
 from .targets import GaLoreTarget, select_targets
 from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
 
 __all__ = [
     "DTYPES",
     "PLAIN_OPTIMIZERS",
+    "TASKS",
     "MemoryPlan",
     "activation_bytes",
     "build_meta_model",
     "check_causal_lm",
+    "check_task",
     "estimate",
     "run_estimate",
     "format_plan",
@@ -94,6 +107,10 @@ class MemoryPlan:
     overhead: int
     total: int
     state_by_optimizer: dict[str, int]
+    fsdp: int | None = None
+    fsdp_buffers: int = 0
+    refresh_communication: int | None = None
+    step_communication: int | None = None
     device_memory: int | None = None
     fits: bool | None = None
     largest_rank: int | None = None
@@ -124,84 +141,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         accepted = ", ".join([*DTYPES, *_DTYPE_ALIASES])
         raise ValueError(f"Invalid dtype={name!r}. Must be one of {accepted}.")
     return DTYPES[key]
-
-
-def load_model_config(
-    *, preset: str | None = None, config: str | os.PathLike | None = None, model: str | None = None
-) -> tuple[Any, str]:
-    """The model config and a label for it, from exactly one of: a preset, a local config.json (or its folder), or
-    a model id / folder for `AutoConfig.from_pretrained` (a hub id needs the network or the local cache)."""
-    from transformers import AutoConfig
-
-    if sum(source is not None for source in (preset, config, model)) != 1:
-        raise ValueError(
-            "Give exactly one model source: preset=, config= (a config.json path) or model= (a model id)."
-        )
-    if preset is not None:
-        return preset_config(preset), f"{preset} (preset)"
-    if config is not None:
-        path = os.fspath(config)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise ValueError(f"Invalid config={path!r}: no such file {file!r}. Pass a config.json or its folder.")
-        try:
-            return AutoConfig.from_pretrained(file), file
-        except (ValueError, OSError, KeyError) as error:
-            raise ValueError(f"Invalid config={file!r}: transformers cannot read it ({error}).") from None
-    try:
-        return AutoConfig.from_pretrained(model, local_files_only=True), model  # a folder, or the cache: no network
-    except (ValueError, OSError):
-        pass
-    try:
-        return AutoConfig.from_pretrained(model), model
-    except (ValueError, OSError) as error:
-        raise ValueError(
-            f"Cannot load the config of model={model!r} ({str(error).splitlines()[0]}). A hub id needs the network "
-            "or the local Hugging Face cache (HF_HUB_OFFLINE=1 skips the network); offline, pass "
-            "--config PATH/config.json or --preset NAME."
-        ) from None
-
-
-def check_causal_lm(config: Any) -> None:
-    """Refuse, naming the model type, a config the planner cannot plan as a causal LM (its activation formula and
-    logits assume one): encoder-decoder models, encoders (masked LMs) not marked `is_decoder`, and model types
-    `AutoModelForCausalLM` cannot build."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
-
-    if getattr(config, "is_encoder_decoder", False):
-        reason = "an encoder-decoder model"
-    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
-        reason = "an encoder (masked LM) and its config has is_decoder=false"
-    elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        reason = "not a model type AutoModelForCausalLM can build"
-    else:
-        return
-    raise ValueError(
-        f"Cannot plan model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}): it is {reason}. "
-        "The planner plans causal language models as AutoModelForCausalLM builds them (llama, mistral, qwen2, gpt2, "
-        "...); an encoder such as BERT is planned as its causal-LM form (BertLMHeadModel) only with is_decoder=true "
-        "in its config."
-    )
-
-
-def _check_seq_len(config: Any, seq_len: int) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(
-            f"Invalid seq_len={seq_len}: longer than the model's max_position_embeddings={limit}. "
-            f"Pass --seq-len {limit} or less."
-        )
-
-
-def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The causal LM of `config` on the meta device, in `dtype`: every shape and dtype, no memory. A config that is
-    not a causal LM raises a `ValueError` (see `check_causal_lm`)."""
-    from transformers import AutoModelForCausalLM
-
-    check_causal_lm(config)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _optimizer_setup(
@@ -253,6 +192,9 @@ class _Run:
     seq_len: int
     gradient_checkpointing: bool
     overhead: int
+    task: str = "causal-lm"
+    num_labels: int = 2
+    fsdp: int | None = None
     tensors: Counter[TensorKind] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +204,10 @@ class _Run:
             for p in self.meta.parameters()
             if p.requires_grad and p.numel()
         )
+
+    def _nbytes(self, kind: TensorKind) -> int:
+        """A tensor's bytes in this process: all of it, or the largest rank's rows under FSDP2."""
+        return kind.nbytes if self.fsdp is None else kind.local_nbytes(self.fsdp)
 
     @property
     def galore(self) -> bool:
@@ -276,17 +222,39 @@ class _Run:
         """The configured rank (of the galore_* rows too when a plain optimizer is planned with targets)."""
         return None if self.galore_config is None else self.galore_config.rank
 
-    @property
+    @cached_property
     def weights(self) -> int:
-        return sum(t.numel() * t.dtype.itemsize for t in [*self.meta.parameters(), *self.meta.buffers()])
+        """Parameters (each rank's rows under FSDP2) and buffers (replicated)."""
+        params = [TensorKind(tuple(p.shape), p.dtype, False) for p in self.meta.parameters() if p.numel()]
+        buffers = sum(t.numel() * t.dtype.itemsize for t in self.meta.buffers())
+        if self.fsdp is None:
+            return sum(t.numel() * t.dtype.itemsize for t in self.meta.parameters()) + buffers
+        return sum(self._nbytes(kind) for kind in params) + buffers
 
     @property
     def gradients_full(self) -> int:
-        return sum(t.nbytes * count for t, count in self.tensors.items())
+        return sum(self._nbytes(t) * count for t, count in self.tensors.items())
 
     @property
     def gradients_layerwise(self) -> int:
-        return max((t.nbytes for t in self.tensors), default=0)
+        return max((self._nbytes(t) for t in self.tensors), default=0)
+
+    @cached_property
+    def fsdp_buffers(self) -> int:
+        """FSDP2's unsharded parameters and gradients alive at the peak of backward (0 without FSDP2): the root
+        unit (everything outside the wrapped layers: embeddings, final norm, head), gathered through forward and
+        backward and reduce-scattered at its end, plus the largest wrapped layer with its gradient."""
+        return 0 if self.fsdp is None else sum(fsdp_wrap_units(self.meta))
+
+    @property
+    def refresh_communication(self) -> int | None:
+        if self.fsdp is None or not self.galore:
+            return None
+        return refresh_communication(self.tensors, self.galore_config, self.rank, self.fsdp)
+
+    @property
+    def step_communication(self) -> int | None:
+        return None if self.fsdp is None else step_communication(self.tensors, self.optim, self.rank, self.fsdp)
 
     @property
     def gradients(self) -> int:
@@ -295,10 +263,14 @@ class _Run:
     def state(self, optim: str, rank: int | None = None) -> int:
         rank = self.rank if rank is None else rank
         proj_type = "std" if self.galore_config is None else self.galore_config.proj_type
-        return state_bytes(self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size)
+        return state_bytes(
+            self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size, world=self.fsdp
+        )
 
     def workspace(self, rank: int | None = None) -> int:
-        return refresh_workspace(self.tensors, self.galore_config, rank or self.rank) if self.galore else 0
+        if not self.galore:
+            return 0
+        return refresh_workspace(self.tensors, self.galore_config, rank or self.rank, world=self.fsdp)
 
     def activations(self, batch_size: int) -> int | None:
         return activation_bytes(
@@ -307,11 +279,14 @@ class _Run:
             seq_len=self.seq_len,
             dtype=self.dtype,
             gradient_checkpointing=self.gradient_checkpointing,
+            task=self.task,
+            num_labels=self.num_labels,
         )
 
     def without_activations(self, rank: int | None = None) -> int:
         """Everything but the activations, at the configured rank or `rank`."""
-        return self.weights + self.gradients + self.state(self.optim, rank) + self.workspace(rank) + self.overhead
+        fixed = self.weights + self.gradients + self.fsdp_buffers + self.overhead
+        return fixed + self.state(self.optim, rank) + self.workspace(rank)
 
 
 def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> MemoryPlan:
@@ -324,6 +299,8 @@ def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> Memory
         model={
             "source": label,
             "architecture": type(run.meta).__name__,
+            "task": run.task,
+            **({"num_labels": run.num_labels} if run.task == "sequence-classification" else {}),
             "parameters": sum(p.numel() for p in run.meta.parameters()),
             "trainable_parameters": sum(math.prod(t.shape) * count for t, count in run.tensors.items()),
             "dtype": str(run.dtype).removeprefix("torch."),
@@ -351,6 +328,10 @@ def _plan(run: _Run, label: str, batch_size: int, target_modules: Any) -> Memory
         overhead=run.overhead,
         total=run.without_activations() + (activations or 0),
         state_by_optimizer=by_optimizer,
+        fsdp=run.fsdp,
+        fsdp_buffers=run.fsdp_buffers,
+        refresh_communication=run.refresh_communication,
+        step_communication=run.step_communication,
     )
     if activations is None:
         plan.notes.append(
@@ -384,18 +365,39 @@ def estimate(
     gradient_checkpointing: bool = False,
     device_memory: str | int | None = None,
     overhead: str | int = 0,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    fsdp: int | None = None,
 ) -> MemoryPlan:
-    """Plan a causal LM training run's memory from the same flags as training (model source, `--optim*`), dtype and
-    batch/sequence, so a user learns whether it fits before renting the device."""
+    """Plan a training run's memory from the same flags as training (model source, `--optim*`), dtype and
+    batch/sequence, so a user learns whether it fits before renting the device.
+
+    `task`: `causal-lm` (AutoModelForCausalLM) or `sequence-classification` (AutoModelForSequenceClassification,
+    with `num_labels` labels, 2 when not given; `num_labels` is refused for `causal-lm`).
+    `fsdp`: plan one rank of FSDP2 over that many processes (the largest rank's rows); None plans one process
+    without FSDP2."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}. Must be an int >= 1.")
+    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
+        raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
+    if task not in TASKS:
+        raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
+    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
+        raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
+    if num_labels is not None and task != "sequence-classification":
+        raise ValueError(
+            f"Invalid num_labels={num_labels!r} with task={task!r}: only task='sequence-classification' has labels."
+        )
+    num_labels = 2 if num_labels is None else num_labels
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"Invalid num_labels={num_labels!r}. Must be an int >= 1.")
     torch_dtype = resolve_dtype(dtype)
     device_bytes = None if device_memory is None else parse_memory_size(device_memory)
     overhead_bytes = parse_memory_size(overhead)
     model_config, label = load_model_config(preset=preset, config=config, model=model)
-    _check_seq_len(model_config, seq_len)
-    meta = build_meta_model(model_config, torch_dtype)
+    check_seq_len(model_config, seq_len)
+    meta = build_meta_model(model_config, torch_dtype, task=task, num_labels=num_labels)
     galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args)
     run = _Run(
         model_config,
@@ -408,6 +410,9 @@ def estimate(
         seq_len,
         gradient_checkpointing,
         overhead_bytes,
+        task,
+        num_labels,
+        fsdp,
     )
     plan = _plan(run, label, batch_size, optim_target_modules)
     if device_bytes is not None:
@@ -420,7 +425,9 @@ def format_plan(plan: MemoryPlan) -> str:
     model, optimizer = plan.model, plan.optimizer
     galore = optimizer["name"] in GALORE_OPTIMIZERS
     lines = [
-        f"model: {model['source']}, {model['architecture']}, {model['parameters']:,} parameters "
+        f"model: {model['source']}, {model['architecture']} ({model['task']}"
+        + (f", {model['num_labels']} labels" if "num_labels" in model else "")
+        + f"), {model['parameters']:,} parameters "
         f"({model['trainable_parameters']:,} trainable), {model['dtype']}",
         f"optimizer: {optimizer['name']}" + (" (layer-wise updates)" if optimizer["layerwise"] else ""),
     ]
@@ -432,7 +439,13 @@ def format_plan(plan: MemoryPlan) -> str:
             f"parameters) from optim_target_modules={optimizer['target_modules']!r}"
         )
     checkpointing = "with" if plan.gradient_checkpointing else "no"
-    lines += [f"batch {plan.batch_size} x sequence {plan.seq_len}, {checkpointing} gradient checkpointing", ""]
+    lines.append(f"batch {plan.batch_size} x sequence {plan.seq_len}, {checkpointing} gradient checkpointing")
+    if plan.fsdp is not None:
+        lines.append(
+            f"FSDP2 over {plan.fsdp} processes: figures per rank, for the largest rank (ceil(m/{plan.fsdp}) rows of "
+            "every weight, gradient and moment; GaLore bases replicated)"
+        )
+    lines.append("")
     grads = "layer-wise: the largest tensor's" if optimizer["layerwise"] else "full"
     figures = [
         (f"weights and buffers ({model['dtype']})", plan.weights),
@@ -440,11 +453,18 @@ def format_plan(plan: MemoryPlan) -> str:
         ("optimizer state", plan.optimizer_state),
         ("basis refresh workspace (estimate)", plan.refresh_workspace),
         ("activations (estimate)", plan.activations),
+        *([("FSDP2 unsharded root + one layer, with gradients", plan.fsdp_buffers)] if plan.fsdp is not None else []),
         ("overhead (--overhead)", plan.overhead),
         ("total", plan.total),
     ]
     rows = [(name, "unknown", "") if count is None else (name, mib(count), gib(count)) for name, count in figures]
     lines.append(format_table(("memory", "MiB", "GiB"), rows, right={1, 2}))
+    if plan.refresh_communication is not None:
+        lines.append(
+            f"FSDP2 refresh traffic per rank, every target refreshing once: {human_bytes(plan.refresh_communication)}"
+        )
+    if plan.step_communication:
+        lines.append(f"FSDP2 Adafactor all-reduce per rank and step: {human_bytes(plan.step_communication)}")
     if plan.device_memory is not None:
         spare = plan.device_memory - plan.total
         verdict = f"fits, {gib(spare)} GiB to spare" if plan.fits else f"does NOT fit, {gib(-spare)} GiB short"
@@ -468,8 +488,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines += [
         "",
         "Exact: weights, gradients, optimizer state. Estimates: activations (Korthikanti et al. 2022, per layer",
-        "s*b*h*(34 + 5*a*s/h) bytes at 16 bits, plus logits and loss) and the SVD refresh workspace. Not counted:",
-        "CUDA context, allocator fragmentation, kernel temporaries (add them with --overhead).",
+        "s*b*h*(34 + 5*a*s/h) bytes at 16 bits, plus the head's logits and loss) and the SVD refresh workspace.",
+        "Not counted: CUDA context, allocator fragmentation, kernel temporaries (add them with --overhead).",
         *plan.notes,
     ]
     return "\n".join(lines)
@@ -491,6 +511,9 @@ def run_estimate(args: Namespace) -> None:
             gradient_checkpointing=args.gradient_checkpointing,
             device_memory=args.device_memory,
             overhead=args.overhead,
+            task=args.task,
+            num_labels=args.num_labels,
+            fsdp=args.fsdp,
         )
     except (ValueError, TypeError) as error:
         raise SystemExit(f"hf-galore estimate: error: {error}") from None

@@ -1,12 +1,18 @@
 """The planner's maths: optimizer state, refresh workspace and activations of a training run, and the largest rank
 and batch that fit a device. Functions of shapes, dtypes and sizes only; `hf_galore.estimate` builds their inputs.
 
-* activations, per decoder layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", no recomputation; doubled at 32 bits), plus the head:
+* activations, per transformer layer, s·b·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models", no recomputation; doubled at 32 bits); an encoder layer's
+  bidirectional attention holds the same tensors as a decoder layer's causal one. Plus the head: for `causal-lm`,
   2·s·b·h values in the model dtype (final norm and LM-head inputs) and s·b·V·(dtype bytes + 8) for the logits, their
-  float32 copy and the loss's float32 log-softmax. With gradient checkpointing every layer keeps only its input
-  (s·b·h values) and one layer's activations are alive during its recomputation.
+  float32 copy and the loss's float32 log-softmax; for `sequence-classification`, the pooled output (b·h values) and
+  b·L·(dtype bytes + 8) for the L-label logits, their float32 copy and log-softmax. With gradient checkpointing every
+  layer keeps only its input (s·b·h values) and one layer's activations are alive during its recomputation.
 * refresh workspace: see `refresh_workspace`.
+* FSDP2 over W processes (`world=W`), per rank, for the largest rank: every parameter, gradient and per-row moment
+  holds ⌈m/W⌉ of its m rows (`torch.chunk` semantics, `shard_rows`); a GaLore target is projected from the right
+  (`hf_galore.core.sharded_proj_type`): its basis (r×n) is replicated, its moments are ⌈m/W⌉×r. The refresh's traffic
+  per rank is `refresh_communication`, Adafactor's per-step all-reduces `step_communication`.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig
+from .core import sharded_proj_type
 from .inner import MIN_8BIT_SIZE, inner_rule
 from .memory import expected_state_bytes
+from .projector import effective_rank
+from .sharding import RowShard
 from .trainer_factory import GALORE_OPTIMIZERS
 
 __all__ = [
@@ -29,8 +38,11 @@ __all__ = [
     "activation_bytes",
     "largest_batch",
     "largest_rank",
+    "refresh_communication",
     "refresh_workspace",
+    "shard_rows",
     "state_bytes",
+    "step_communication",
 ]
 
 # transformers `--optim` names without GaLore that the planner models -> how their state is counted.
@@ -58,11 +70,34 @@ class TensorKind:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    def local_shape(self, world: int) -> tuple[int, ...]:
+        """The largest rank's block of this tensor row-sharded over `world` processes."""
+        return (shard_rows(self.shape[0], world), *self.shape[1:])
+
+    def local_nbytes(self, world: int) -> int:
+        return math.prod(self.local_shape(world)) * self.dtype.itemsize
+
+
+def shard_rows(rows: int, world: int) -> int:
+    """Rows of the largest block when `rows` are cut over `world` ranks as `torch.chunk` (FSDP2) cuts them: ⌈m/W⌉."""
+    return -(-rows // world)
+
 
 def state_bytes(
-    tensors: Mapping[TensorKind, int], optim: str, *, rank: int | None, proj_type: str, min_8bit_size: int
+    tensors: Mapping[TensorKind, int],
+    optim: str,
+    *,
+    rank: int | None,
+    proj_type: str,
+    min_8bit_size: int,
+    world: int | None = None,
 ) -> int:
-    """Bytes optimizer `optim` allocates for these trainable tensors (what `optimizer_state_bytes` measures)."""
+    """Bytes optimizer `optim` allocates for these trainable tensors (what `optimizer_state_bytes` measures); with
+    `world`, on the largest rank of FSDP2 over `world` processes (module docstring)."""
+    if world is not None:
+        return _sharded_state_bytes(
+            tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=min_8bit_size, world=world
+        )
     if optim in GALORE_OPTIMIZERS:
         rule = inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size)
         return sum(
@@ -71,33 +106,78 @@ def state_bytes(
             else count * rule.state_bytes(tensor.shape, tensor.dtype)
             for tensor, count in tensors.items()
         )
+    rule, extra = _plain_rule(optim)
+    total = sum(count * (rule.state_bytes(t.shape, t.dtype) + extra) for t, count in tensors.items())
+    return total + _qmap_bytes(tensors, optim)
+
+
+def _plain_rule(optim: str) -> tuple[Any, int]:
+    """The inner rule that counts a plain optimizer's state, and its extra bytes per tensor."""
     kind = PLAIN_OPTIMIZERS[optim]
     if kind == "torch_adamw":
-        rule, extra = inner_rule("adamw"), _TORCH_STEP_BYTES
-    elif kind == "bnb_adamw8bit":  # transformers' adamw_bnb_8bit keeps bitsandbytes' default min_8bit_size
-        rule, extra = inner_rule("adamw8bit", min_8bit_size=MIN_8BIT_SIZE), 0
-    else:
-        rule, extra = inner_rule("adafactor"), _ADAFACTOR_RMS_BYTES
-    total = sum(count * (rule.state_bytes(t.shape, t.dtype) + extra) for t, count in tensors.items())
-    if kind == "bnb_adamw8bit" and any(math.prod(t.shape) >= MIN_8BIT_SIZE for t in tensors):
-        total += _BNB_QMAP_BYTES
-    return total
+        return inner_rule("adamw"), _TORCH_STEP_BYTES
+    if kind == "bnb_adamw8bit":  # transformers' adamw_bnb_8bit keeps bitsandbytes' default min_8bit_size
+        return inner_rule("adamw8bit", min_8bit_size=MIN_8BIT_SIZE), 0
+    return inner_rule("adafactor"), _ADAFACTOR_RMS_BYTES
 
 
-def refresh_workspace(tensors: Mapping[TensorKind, int], config: GaLoreConfig, rank: int) -> int:
+def _qmap_bytes(tensors: Mapping[TensorKind, int], optim: str) -> int:
+    eight_bit = PLAIN_OPTIMIZERS.get(optim) == "bnb_adamw8bit"
+    return _BNB_QMAP_BYTES if eight_bit and any(math.prod(t.shape) >= MIN_8BIT_SIZE for t in tensors) else 0
+
+
+def _sharded_state_bytes(
+    tensors: Mapping[TensorKind, int], optim: str, *, rank: int | None, proj_type: str, min_8bit_size: int, world: int
+) -> int:
+    """`state_bytes` on the largest rank: each rule's state for the rank's ⌈m/W⌉ rows (8-bit or not by the whole
+    tensor's size, as `init_state` decides with a shard), GaLore targets projected from the right with their r×n
+    basis replicated. Plain optimizers are counted the same way, as torch's AdamW keeps DTensor moments."""
+    galore = optim in GALORE_OPTIMIZERS
+    rule, extra = (
+        (inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size), 0) if galore else _plain_rule(optim)
+    )
+    total = 0
+    for tensor, count in tensors.items():
+        local, shard = tensor.local_shape(world), RowShard(offset=0, global_rows=tensor.shape[0])
+        if galore and tensor.target:
+            sharded_proj_type(proj_type, tensor.shape, f"the {tensor.shape[0]}x{tensor.shape[1]} targets", shard)
+            r = effective_rank(tensor.shape, rank)
+            inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + r * tensor.shape[1] * tensor.dtype.itemsize
+        else:
+            inner = rule.state_bytes(local, tensor.dtype, shard) + extra
+        total += count * inner
+    return total + (0 if galore else _qmap_bytes(tensors, optim))
+
+
+def refresh_workspace(
+    tensors: Mapping[TensorKind, int], config: GaLoreConfig, rank: int, world: int | None = None
+) -> int:
     """float32 bytes alive during the largest target's basis refresh (one refresh runs at a time).
 
     exact: `svd(G.float())` holds a float32 G (m×n; torch copies it for LAPACK even when G is float32), U (m×k), S (k)
     and Vᵀ (k×n), k = min(m, n). randomized: G.float() (a copy only when G is not float32), the sketch and its QR
     (2·m·l), the Gaussian test matrix, Gᵀ·Q and Qᵀ·G (3·n·l) and the small SVD (l×l), l = min(rank + oversample, m, n).
     The solvers' own scratch is not counted.
+
+    With `world` (FSDP2, the largest rank): exact gathers the m×n gradient (padded to W·⌈m/W⌉ rows) and runs the
+    same SVD; randomized holds the rank's m_i = ⌈m/W⌉ rows as float32 (a copy unless float32), the whole m×l test
+    matrix, G_i·Q (m_i×l), three n×l sketches and the W·l×l gathered R factors (`randomized_right_basis`).
     """
     sizes = [0]
     for tensor in tensors:
         if not tensor.target:
             continue
         m, n = tensor.shape
-        if config.refresh_method == "exact":
+        if world is not None:
+            local = shard_rows(m, world)
+            if config.refresh_method == "exact":
+                k = min(m, n)
+                sizes.append(4 * (world * local * n + m * k + k + k * n))
+            else:
+                sketch = min(rank + config.oversample, m, n)
+                copy = 0 if tensor.dtype == torch.float32 else local * n
+                sizes.append(4 * (copy + m * sketch + local * sketch + 3 * n * sketch + world * sketch * sketch))
+        elif config.refresh_method == "exact":
             k = min(m, n)
             sizes.append(4 * (m * n + m * k + k + k * n))
         else:
@@ -107,11 +187,47 @@ def refresh_workspace(tensors: Mapping[TensorKind, int], config: GaLoreConfig, r
     return max(sizes)
 
 
+def refresh_communication(tensors: Mapping[TensorKind, int], config: GaLoreConfig, rank: int, world: int) -> int:
+    """Bytes each rank exchanges when every GaLore target refreshes its basis under FSDP2 over `world` processes
+    (0 for one): randomized, (1 + power_iters) all-reduces of n×k, one of n×r and an all-gather of W·k×k float32
+    (k = min(rank + oversample, m, n), r = min(rank, m, n)); exact, the m×n float32 all-gather."""
+    if world == 1:
+        return 0
+    total = 0
+    for tensor, count in tensors.items():
+        if not tensor.target:
+            continue
+        m, n = tensor.shape
+        if config.refresh_method == "exact":
+            size = 4 * m * n
+        else:
+            k, r = min(rank + config.oversample, m, n), effective_rank(tensor.shape, rank)
+            size = (1 + config.power_iters) * n * k * 4 + n * r * 4 + world * k * k * 4
+        total += count * size
+    return total
+
+
+def step_communication(tensors: Mapping[TensorKind, int], optim: str, rank: int | None, world: int) -> int:
+    """Bytes each rank all-reduces every step outside refreshes under FSDP2: Adafactor's column statistic and two
+    scalars per GaLore target, 4·(r + 2); none for the AdamW forms (or one process)."""
+    if world == 1 or optim not in GALORE_OPTIMIZERS or GALORE_OPTIMIZERS[optim].form != "adafactor":
+        return 0
+    return sum(count * 4 * (effective_rank(t.shape, rank) + 2) for t, count in tensors.items() if t.target)
+
+
 def activation_bytes(
-    config: Any, *, batch_size: int, seq_len: int, dtype: torch.dtype, gradient_checkpointing: bool = False
+    config: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
+    task: str = "causal-lm",
+    num_labels: int = 2,
 ) -> int | None:
-    """Estimated bytes of activations kept for the backward pass (module docstring); None when the config lacks
-    hidden_size, num_hidden_layers, num_attention_heads or vocab_size."""
+    """Estimated bytes of activations kept for the backward pass (module docstring) of a `causal-lm` or a
+    `sequence-classification` model with `num_labels` labels; None when the config lacks hidden_size,
+    num_hidden_layers, num_attention_heads or vocab_size."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes = [getattr(text, key, None) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
     vocab = getattr(text, "vocab_size", None)
@@ -120,7 +236,10 @@ def activation_bytes(
     h, layers, heads = sizes
     s, b, k = seq_len, batch_size, dtype.itemsize
     layer = (34 * s * b * h + 5 * heads * s * s * b) * k // 2  # k/2: the formula counts 16-bit values
-    head = 2 * s * b * h * k + s * b * vocab * (k + 8)
+    if task == "sequence-classification":
+        head = b * h * k + b * num_labels * (k + 8)
+    else:
+        head = 2 * s * b * h * k + s * b * vocab * (k + 8)
     if gradient_checkpointing:
         return layers * s * b * h * k + layer + head
     return layers * layer + head

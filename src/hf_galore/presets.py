@@ -1,7 +1,9 @@
-"""Named model configs for planning offline: the GaLore paper's LLaMA sizes, plus a tiny one for tests.
+"""Named model configs for planning offline: the GaLore paper's LLaMA sizes, LLaMA-2 13B and 70B, and a tiny one
+for tests.
 
-The sizes are those of the GaLore repository's `configs/llama_*.json` (the paper's pre-training runs): vocabulary
-32,000, untied embeddings, RMSNorm eps 1e-6, full multi-head attention.
+60m to 7b are the GaLore repository's `configs/llama_*.json` (the paper's pre-training runs): vocabulary 32,000,
+untied embeddings, RMSNorm eps 1e-6, full multi-head attention. 13b and 70b are LLaMA-2's published shapes
+(meta-llama/Llama-2-13b-hf, Llama-2-70b-hf: RMSNorm eps 1e-5, 4,096 positions; 70b with 8 key-value heads).
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 32,
         "num_attention_heads": 32,
         "max_position_embeddings": 2048,
+    },
+    "llama-13b": {
+        **_LLAMA_COMMON,
+        "rms_norm_eps": 1e-5,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "max_position_embeddings": 4096,
+    },
+    "llama-70b": {
+        **_LLAMA_COMMON,
+        "rms_norm_eps": 1e-5,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096,
     },
 }
 

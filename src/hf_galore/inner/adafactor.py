@@ -75,7 +75,7 @@ class AdafactorUpdate:
         else:
             state[EXP_AVG_SQ] = torch.zeros_like(grad)
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """float32 throughout: row and column second moments for matrices (the full one otherwise), plus the first
         moment with `first_moment`."""
         if self.first_moment is None:
@@ -83,7 +83,7 @@ class AdafactorUpdate:
                 "Invalid first_moment=None for state_bytes: the state depends on beta1. Count with "
                 "AdafactorUpdate(first_moment=True) when the groups set beta1, else first_moment=False."
             )
-        return layout_bytes(self, shape, dtype, group={"beta1": 0.0 if self.first_moment else None})
+        return layout_bytes(self, shape, dtype, group={"beta1": 0.0 if self.first_moment else None}, shard=shard)
 
     def update(
         self,

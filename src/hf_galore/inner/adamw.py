@@ -58,9 +58,9 @@ class AdamWUpdate:
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """Two moments in the gradient's dtype."""
-        return layout_bytes(self, shape, dtype, group={})
+        return layout_bytes(self, shape, dtype, group={}, shard=shard)
 
     def update(
         self,

@@ -59,9 +59,9 @@ class AdamW8bitUpdate:
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""
-        return layout_bytes(self, shape, dtype, group={})
+        return layout_bytes(self, shape, dtype, group={}, shard=shard)
 
     def init_state(
         self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None

@@ -53,15 +53,23 @@ class InnerUpdate(Protocol):
         The core never modifies D in place, so D may be a state tensor.
         """
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Bytes of the state `update` allocates for a gradient of `shape` and `dtype` (every tensor it keeps)."""
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
+        """Bytes of the state `update` allocates for a gradient of `shape` and `dtype` (every tensor it keeps); with
+        `shard`, `shape` is one rank's rows of a row-sharded tensor (as `init_state`)."""
 
 
-def layout_bytes(rule: InnerUpdate, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-    """Bytes of the state `rule.init_state` creates for a gradient of `shape` and `dtype`, counted on the meta device.
+def layout_bytes(
+    rule: InnerUpdate,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    group: dict[str, Any],
+    shard: RowShard | None = None,
+) -> int:
+    """Bytes of the state `rule.init_state` creates for a gradient of `shape` and `dtype` (one rank's rows with
+    `shard`), counted on the meta device.
 
     Every rule's `state_bytes` is this, so the count can never drift from what the rule allocates.
     """
     layout: dict[str, Any] = {}
-    rule.init_state(torch.empty(shape, dtype=dtype, device="meta"), layout, group)
+    rule.init_state(torch.empty(shape, dtype=dtype, device="meta"), layout, group, shard)
     return sum(t.numel() * t.element_size() for t in layout.values())
