@@ -11,8 +11,8 @@ and batch that fit a device. Functions of shapes, dtypes and sizes only; `hf_gal
 * refresh workspace: see `refresh_workspace`.
 * FSDP2 over W processes (`world=W`), per rank, for the largest rank: every parameter, gradient and per-row moment
   holds ⌈m/W⌉ of its m rows (`torch.chunk` semantics, `shard_rows`); a GaLore target is projected from the right
-  (`hf_galore.core.sharded_proj_type`): its basis (r×n) is replicated, its moments are ⌈m/W⌉×r. The refresh's traffic
-  per rank is `refresh_communication`, Adafactor's per-step all-reduces `step_communication`.
+  (`hf_galore.projector.resolve_proj_type`): its basis (r×n) is replicated, its moments are ⌈m/W⌉×r. The refresh's
+  traffic per rank is `refresh_communication`, Adafactor's per-step all-reduces `step_communication`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig
-from .core import sharded_proj_type
 from .inner import MIN_8BIT_SIZE, inner_rule
 from .memory import expected_state_bytes
-from .projector import effective_rank
+from .projector import effective_rank, resolve_proj_type
 from .sharding import RowShard
 from .trainer_factory import GALORE_OPTIMIZERS
 
@@ -140,7 +139,10 @@ def _sharded_state_bytes(
     for tensor, count in tensors.items():
         local, shard = tensor.local_shape(world), RowShard(offset=0, global_rows=tensor.shape[0])
         if galore and tensor.target:
-            sharded_proj_type(proj_type, tensor.shape, f"the {tensor.shape[0]}x{tensor.shape[1]} targets", shard)
+            try:
+                resolve_proj_type(proj_type, tensor.shape, row_sharded=True)
+            except ValueError as err:
+                raise ValueError(f"the {tensor.shape[0]}x{tensor.shape[1]} targets: {err}") from None
             r = effective_rank(tensor.shape, rank)
             inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + r * tensor.shape[1] * tensor.dtype.itemsize
         else:
