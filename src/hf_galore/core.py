@@ -362,7 +362,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         galore = is_galore_group(group)
         clock = step if self._refresh_clock is None else self._refresh_clock
         refresh_due = galore and (NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH])
-        if not self._gradient_is_finite(grad, shard, agree=refresh_due):
+        full_grad = grad
+        if galore and not refresh_due:
+            # Checked in the subspace: any NaN/inf of G reaches the projection (NaN·0 is NaN), at r/min(m, n) the cost.
+            grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+        if not self._is_finite(grad, shard, agree=refresh_due):
             self._skip(param)
             if shard is not None and not refresh_due:
                 state[STEP] = step + 1  # every rank keeps the same step count, so refreshes stay in lockstep
@@ -370,12 +374,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         self.state[param] = state
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
-        full_grad = grad
-        if galore:
+        if refresh_due:
             proj_type = self._proj_type(param, group, row_sharded=shard is not None)
-            if refresh_due:
-                self._refresh(param, grad, state, group, clock, proj_type, shard)
-            grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+            self._refresh(param, full_grad, state, group, clock, proj_type, shard)
+            grad = project(full_grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1
         state[STEP] = step
         lr = self.inner.learning_rate(group, step, weight, shard=shard)
@@ -402,13 +404,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self.param_name(param)}: {err}") from None
 
     @staticmethod
-    def _gradient_is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
-        """Whether `grad` has no NaN/inf. Sharded, each rank judges its own rows, except where the ranks must
-        agree (a refresh, whose collectives every rank joins): then one float is all-reduced."""
-        finite = torch.isfinite(grad).all()
+    def _is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
+        """Whether `grad` has no NaN/inf, read from its float32 sum: one pass and no full-size temporary (any NaN or
+        inf makes the sum non-finite; finite gradients would need a sum beyond 3e38 to look otherwise). Sharded,
+        each rank judges its own rows, except where the ranks must agree (a refresh, whose collectives every rank
+        joins): then the sums are all-reduced (one float)."""
+        total = grad.sum(dtype=torch.float32)
         if shard is not None and agree:
-            finite = global_sum((~finite).float(), shard) == 0
-        return bool(finite)
+            total = global_sum(total, shard)
+        return bool(torch.isfinite(total))
 
     def _keep_sharded(self, param: Tensor, state: dict[str, Any], moments: dict[str, Any]) -> None:
         """Store moments the rule just created: per-row ones as DTensors sharded like `param` (so distributed
