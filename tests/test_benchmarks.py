@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `python benchmarks/NAME.py` would: worker processes unpickle its functions by name
     spec.loader.exec_module(module)
     return module
 
@@ -67,3 +69,55 @@ def test_fsdp_plan_benchmark_quick(tmp_path, capsys):
     )
     assert adamw < galore < 1
     assert plans["GaLore", 2]["refresh_communication"] > 0 and plans["AdamW", 2]["refresh_communication"] is None
+
+
+def test_fsdp_benchmark_quick(tmp_path, capsys):
+    output = tmp_path / "fsdp.json"
+    report = _load("fsdp").main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text()) == report
+    assert "gather-everything" in capsys.readouterr().out
+    results, gap, formula = report["results"], report["update_proj_gap"], report["gather_formula_bytes"]
+    adamw, gather = results["FSDP2 + torch AdamW"], results["gather-everything"]
+    randomized, exact = results["galore_adamw (randomized)"], results["galore_adamw (exact)"]
+    # Counted bytes, per step of the first cycle (refresh, between..., refresh).
+    assert adamw["bytes_per_step"] == [0] * (gap + 1)
+    for row in (randomized, exact):  # no collective at all between refreshes; a refresh exchanges something
+        assert row["calls_per_step"][1:gap] == [0] * (gap - 1) and row["between_bytes"] == 0
+        assert row["refresh_bytes"] > 0 and row["bytes_per_step"][0] == row["refresh_bytes"]
+    # Gathering every m×n float32 gradient moves 4·m·n·(W−1)/W per target at every step, counted, not assumed;
+    # the exact refresh gathers each gradient once (plus a 4-byte finiteness flag per target).
+    assert gather["bytes_per_step"] == [formula] * (gap + 1)
+    assert formula <= exact["refresh_bytes"] <= formula + 4 * 14
+    assert randomized["refresh_bytes"] < gap * gather["between_bytes"]  # less than gathering over one interval
+    # State per rank: below one process; AdamW's moments split exactly; gathering keeps GaLore's state whole.
+    for row in (adamw, randomized, exact, gather):
+        assert 0 < max(row["state_mib_per_rank"]) < row["state_mib_one_process"]
+    split = (sum(adamw["state_mib_per_rank"]) - adamw["state_mib_one_process"]) * 2**20
+    assert 0 <= split <= 4 * 32  # moments halved exactly; each rank keeps its own 4-byte step per parameter (21)
+    assert min(gather["state_mib_per_rank"]) > max(randomized["state_mib_per_rank"])
+    memory = report["memory"]
+    assert all(peak > 0 for peak in [*memory["peak_rss_mib_per_rank"], memory["peak_rss_mib_one_process"]])
+    assert all(row["between_s"] > 0 and row["refresh_s"] > 0 for row in results.values())
+
+
+@pytest.mark.parametrize("devices", [0, 1])
+def test_fsdp_trainer_cuda_refuses_without_two_gpus(devices):
+    module = _load("fsdp_trainer_cuda")
+    with pytest.raises(SystemExit, match=f"needs at least 2 CUDA devices; this machine has {devices}"):
+        module.main(["--optim", "galore_adamw_8bit"], device_count=devices)
+
+
+def test_fsdp_trainer_cuda_refuses_here():
+    """What `python benchmarks/fsdp_trainer_cuda.py` does on this CPU machine: refuse before building anything."""
+    import torch
+
+    if torch.cuda.device_count() >= 2:  # pragma: no cover - multi-GPU machines only
+        pytest.skip("this machine has GPUs: the script would train")
+    with pytest.raises(SystemExit, match="needs at least 2 CUDA devices"):
+        _load("fsdp_trainer_cuda").main([])
+
+
+def test_fsdp_trainer_cuda_refuses_a_single_process_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="needs a distributed launch"):
+        _load("fsdp_trainer_cuda").main(["--optim", "galore_adafactor"], device_count=8)
