@@ -33,7 +33,17 @@ from .projector import (
     subspace_overlap,
 )
 from .schedule import schedule_after_refresh, stagger_offsets
-from .sharding import RowShard, global_sum, local_tensor, row_shard, shard_like
+from .sharding import (
+    RowShard,
+    any_rank,
+    blocks_by_row,
+    blocks_from_rows,
+    global_sum,
+    local_tensor,
+    row_shard,
+    shard_like,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,8 @@ RIGHT_BASIS = "right_basis"
 NEXT_REFRESH = "next_refresh"  # plain int, in the refresh clock's units
 REFRESH_INTERVAL = "refresh_interval"  # plain int: the interval that scheduled NEXT_REFRESH
 SCHEDULE_KEYS = (STEP, NEXT_REFRESH, REFRESH_INTERVAL)  # plain counters, not part of the state's layout
+# Checkpoints only, plain int: over how many row shards (FSDP2 ranks) the block constants were computed (1 unsharded).
+QUANTIZED_SHARDS = "quantized_shards"
 # On resume the checkpoint provides these group keys (the LR scheduler's); the settings given now provide the rest.
 CHECKPOINT_GROUP_KEYS = ("lr", "initial_lr")
 # Group keys that fix the layout of the saved state: they cannot change on resume without starting afresh.
@@ -507,17 +519,50 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with 8-bit block constants saved by row (`hf_galore.sharding.blocks_by_row`).
+
+        Under FSDP2 each rank quantizes its own rows, so the constants are per-rank lists; by row they shard like
+        the moments (a DTensor of global shape rows × k, whatever the world size), and torch.distributed.checkpoint
+        saves every rank's, where a plain tensor would be saved once, from one rank, for all. `quantized_shards`
+        records over how many row shards they were computed; `load_state_dict` converts them back.
+        """
+        state_dict = super().state_dict()
+        blockwise = getattr(self.inner, "block_wise_state", {})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, param in enumerate(params):
+            state = state_dict["state"].get(index)
+            if not blockwise or not state or not blockwise.keys() & state.keys():
+                continue
+            state = state_dict["state"][index] = dict(state)  # the live state stays as it is
+            for key, moment_key in blockwise.items():
+                moment = local_tensor(state[moment_key])
+                rows, cols = (moment.shape[0], math.prod(moment.shape[1:])) if moment.dim() else (1, 1)
+                table = blocks_by_row(local_tensor(state[key]), rows, cols, self.inner.blocksize)
+                state[key] = shard_like(table, param)
+            state[QUANTIZED_SHARDS] = world_size(row_shard(param))
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a checkpoint: its state, learning rate and schedule; the settings given now for the rest.
 
         Settings that do not change the state's layout (`update_proj_gap`, `scale`, refresh options, weight decay,
         betas, eps, …) take the value given now, and each change is logged. What fixes the layout (`rank`,
         `proj_type`, the inner form, 8-bit or not, GaLore or not) must match the checkpoint: a mismatch raises
-        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf. Saved
-        dtypes are kept (torch would cast 8-bit moments to the parameter's dtype).
+        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf, and an
+        8-bit one saved over another number of FSDP2 ranks. Saved dtypes are kept (torch would cast 8-bit moments to
+        the parameter's dtype).
+
+        Under FSDP2 (torch.distributed.checkpoint, `set_optimizer_state_dict`) the state holds DTensors: the checks
+        use their global shapes, and every rank reaches the same verdict. Whatever ran before the load (e.g. the
+        zero-gradient, lr=0 step torch.distributed.checkpoint takes to create a template state) leaves no trace:
+        its state is replaced, and its refresh and skip telemetry is dropped.
         """
+        state_dict = self._unpack_block_constants(state_dict)
         self._check_resumable(state_dict)
         self._refresh_clock = None  # the checkpoint's schedule counts the steps of the run that saved it
+        self._refresh_stats, self._skipped, self._skipped_this_step = RefreshStats(), [], []
+        self.last_grad_norm, self._layerwise_sq_norm = None, 0.0
         given_now = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
         self._apply_settings_given_now(given_now)
@@ -528,6 +573,37 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 loaded = self.state[param].get(key)
                 if isinstance(saved, Tensor) and isinstance(loaded, Tensor) and loaded.dtype != saved.dtype:
                     self.state[param][key] = saved.to(device=param.device)
+
+    def _unpack_block_constants(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state dict with `state_dict()`'s by-row block constants back as this rank's per-block lists.
+
+        The constants only fit the row shards that computed them: a checkpoint saved over another number of FSDP2
+        ranks raises (on every rank alike: the counts are replicated) before anything is loaded.
+        """
+        blockwise = getattr(self.inner, "block_wise_state", {})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        unpacked = dict(state_dict["state"])
+        for param_id, param in zip(saved_ids, params):
+            state = unpacked.get(param_id, {})
+            if QUANTIZED_SHARDS not in state:
+                continue  # not 8-bit, or saved before block constants were saved by row (per-block already)
+            saved_shards, shards = int(state[QUANTIZED_SHARDS]), world_size(row_shard(param))
+            if saved_shards != shards:
+                raise ValueError(
+                    f"Cannot resume {self.param_name(param)} with its rows split over {shards} rank(s): its 8-bit "
+                    f"moments were quantized in blocks of each rank's rows over {saved_shards} rank(s) when the "
+                    f"checkpoint was saved, and those block constants fit only that split. Resume on {saved_shards} "
+                    "FSDP2 rank(s) (the same world size), or start the optimizer afresh (load only the model "
+                    "weights), or use galore_adamw, whose state reshards to any world size."
+                )
+            state = unpacked[param_id] = {k: v for k, v in state.items() if k != QUANTIZED_SHARDS}
+            for key, moment_key in blockwise.items():
+                if key in state and moment_key in state:
+                    moment = local_tensor(state[moment_key])
+                    cols = math.prod(moment.shape[1:]) if moment.dim() else 1
+                    state[key] = blocks_from_rows(local_tensor(state[key]), cols, self.inner.blocksize)
+        return {**state_dict, "state": unpacked}
 
     def _check_resumable(self, state_dict: dict[str, Any]) -> None:
         fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
@@ -553,7 +629,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                     f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
                 )
             for key in LAYOUT_KEYS if is_galore_group(group) else ():
-                if saved[key] != group[key]:
+                if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
                     raise ValueError(
                         f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
                         f"{key}={saved[key]!r} ({where}), and its moments and bases have that shape. Resume with "
@@ -561,9 +637,55 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                     )
             for param_id, param in zip(saved["params"], group["params"]):
                 self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
+        self._check_finite(state_dict)
+
+    def _same_projection(self, saved: dict[str, Any], group: dict[str, Any], key: str, states: dict[Any, Any]) -> bool:
+        """Whether a `proj_type` named differently gives every weight of the group the projection it was saved with:
+        an FSDP2 run projects sharded weights from the right whatever `std` would pick, so `std` there is `right`
+        in one process (and vice versa). Decided on keys and global shapes, the same on every rank."""
+        if key != "proj_type":
+            return False
+        pairs = [(param, states.get(param_id, {})) for param_id, param in zip(saved["params"], group["params"])]
+        return all(self._layout_matches(param, group, state) for param, state in pairs if state)
+
+    def _layout_matches(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any]) -> bool:
+        """The saved state has the keys, shapes (global, for DTensors) and kinds (8-bit or float) this optimizer
+        would create for `param`."""
+        expected = self.state_layout(param, group)
+        found = {k: v for k, v in saved.items() if k not in SCHEDULE_KEYS}
+        return found.keys() == expected.keys() and all(
+            isinstance(v, Tensor)
+            and tuple(v.shape) == tuple(expected[k].shape)
+            and (v.dtype == torch.uint8) == (expected[k].dtype == torch.uint8)
+            for k, v in found.items()
+        )
+
+    def _check_finite(self, state_dict: dict[str, Any]) -> None:
+        """No NaN or inf in the saved tensors. Sharded, each rank checks its own rows and the ranks agree (one
+        all-reduce), so all of them raise the same error or none does."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        entries = [
+            (param, key, value)
+            for param_id, param in zip(saved_ids, params)
+            for key, value in state_dict["state"].get(param_id, {}).items()
+            if isinstance(value, Tensor) and value.is_floating_point()
+        ]
+        sharded = next((p for p in params if row_shard(p) is not None), None)
+        device = local_tensor(sharded).device if sharded is not None else "cpu"
+        bad = torch.tensor([float(not torch.isfinite(local_tensor(v)).all()) for _, _, v in entries], device=device)
+        if sharded is not None:
+            bad = any_rank(bad)
+        for (param, key, _), flag in zip(entries, bad.tolist()):
+            if flag:
+                raise ValueError(
+                    f"Cannot resume {self.param_name(param)}: the checkpoint's {key} holds NaN or inf values (a "
+                    "corrupt checkpoint, not a gradient problem of this run). Resume from an earlier checkpoint."
+                )
 
     def _check_saved_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], fresh: str) -> None:
-        """The saved state must have the keys, shapes and kinds (8-bit or float) this optimizer would create."""
+        """The saved state must have the keys, shapes (global, for DTensors) and kinds (8-bit or float) this
+        optimizer would create. Every rank sees the same keys and global shapes, so all raise alike."""
         if not saved:
             return
         expected = self.state_layout(param, group)
@@ -576,34 +698,31 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 if k not in (LEFT_BASIS, RIGHT_BASIS) and isinstance(v, Tensor)
             )
 
-        same = found.keys() == expected.keys() and all(
-            isinstance(v, Tensor)
-            and tuple(v.shape) == tuple(expected[k].shape)
-            and (v.dtype == torch.uint8) == (expected[k].dtype == torch.uint8)
-            for k, v in found.items()
-        )
-        if not same:
+        if not self._layout_matches(param, group, saved):
             raise ValueError(
                 f"Cannot resume {self.param_name(param)}: the checkpoint holds {describe(found) or 'no moments'}, "
                 f"while {type(self).__name__} with these settings keeps {describe(expected)}. It was saved with a "
-                f"different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), min_8bit_size or "
-                f"beta1. Resume with the checkpoint's settings, {fresh}."
+                f"different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), min_8bit_size, "
+                f"beta1 or projection side (FSDP2 projects sharded weights from the right: continue such a run "
+                f"unsharded with proj_type='right'). Resume with the checkpoint's settings, {fresh}."
             )
-        for key, value in found.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(
-                    f"Cannot resume {self.param_name(param)}: the checkpoint's {key} holds NaN or inf values (a "
-                    "corrupt checkpoint, not a gradient problem of this run). Resume from an earlier checkpoint."
-                )
 
     def state_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only)."""
+        """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only).
+
+        Row-sharded (FSDP2), per-row state has the global shape (it is kept as DTensors) and the rest this rank's
+        (8-bit block constants: blocks of the local rows).
+        """
         shape = tuple(param.shape)
+        shard = row_shard(param)
         if is_galore_group(group):
-            proj_type = sharded_proj_type(group["proj_type"], shape, self.param_name(param), row_shard(param))
+            proj_type = sharded_proj_type(group["proj_type"], shape, self.param_name(param), shard)
             shape = projected_shape(shape, group["rank"], proj_type)
+        local_shape = shape if shard is None else (local_tensor(param).shape[0], *shape[1:])
         layout: dict[str, Tensor] = {}
-        self.inner.init_state(torch.empty(shape, dtype=param.dtype, device="meta"), layout, group)
+        self.inner.init_state(torch.empty(local_shape, dtype=param.dtype, device="meta"), layout, group, shard)
+        for key in layout.keys() & self.inner.row_wise_state if shard is not None else ():
+            layout[key] = torch.empty((shape[0], *layout[key].shape[1:]), dtype=layout[key].dtype, device="meta")
         if is_galore_group(group):
             left, right = projection_sides(tuple(param.shape), proj_type)
             r = effective_rank(tuple(param.shape), group["rank"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,8 +44,11 @@ class AdamW8bitUpdate:
     """
 
     # The 8-bit moments have the gradient's shape and shard with its rows; the block constants are per rank (blocks
-    # of the local rows), so a distributed checkpoint of them reloads only at the same world size.
+    # of the local rows): checkpoints save them by row (see `hf_galore.sharding.blocks_by_row`), and they reload at
+    # the world size that quantized them.
     row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ})
+    block_wise_state = MappingProxyType({EXP_AVG_ABSMAX: EXP_AVG, EXP_AVG_SQ_ABSMAX: EXP_AVG_SQ})  # constant -> moment
+    blocksize = BLOCKSIZE
 
     def __init__(self, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
