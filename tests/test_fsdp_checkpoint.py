@@ -21,7 +21,8 @@ from ranks import WORLD, run_on_ranks
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import NEXT_REFRESH, STEP
-from hf_galore.sharding import blocks_by_row, blocks_from_rows
+from hf_galore.inner.adamw8bit import BLOCKSIZE, AdamW8bitUpdate
+from hf_galore.sharding import block_scales_by_value, blocks_by_row, blocks_from_rows
 
 STEPS, SAVE_AT, GAP, RANK = 8, 4, 3, 3
 FORMS = {
@@ -32,7 +33,9 @@ FORMS = {
     ),
 }
 METHODS = ("exact", "randomized")
+GROUP = {"betas": (0.9, 0.999), "eps": 1e-8}
 CASES = [(form, method) for form in FORMS for method in METHODS if form != "adamw8bit" or method == "exact"]
+IDS = [f"{form}-{method}" for form, method in CASES]
 
 
 def _model(seed: int = 0) -> torch.nn.Sequential:
@@ -178,7 +181,7 @@ def sharded_runs(tmp_path_factory) -> tuple[list[dict], Path]:
     return run_on_ranks(directory, _every_case, directory), directory
 
 
-@pytest.mark.parametrize(("form", "method"), CASES, ids=[f"{form}-{method}" for form, method in CASES])
+@pytest.mark.parametrize(("form", "method"), CASES, ids=IDS)
 def test_an_fsdp2_checkpoint_resumes_mid_interval_bit_for_bit(sharded_runs, form, method):
     for result in sharded_runs[0]:
         run = result[form, method]
@@ -187,25 +190,23 @@ def test_an_fsdp2_checkpoint_resumes_mid_interval_bit_for_bit(sharded_runs, form
             assert torch.equal(run["resumed"][name], weight), name
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("form", ["adamw", "adafactor"])
+@pytest.mark.parametrize(("form", "method"), CASES, ids=IDS)
 def test_an_fsdp2_checkpoint_continues_in_one_process(sharded_runs, form, method):
+    """2 -> 1, against one process trained all 8 steps. 8-bit moments are requantized in the blocks of the whole
+    tensor; quantizing in 2 ranks' blocks for 8 steps already moves the weights ~1e-3 from one process (test_fsdp.py),
+    so 8-bit is held to what the requantization adds: 1e-3 from the uninterrupted 2-rank run."""
     reference = _model()
     _train(reference, _optimizer(reference, form, _config(method, "right")), range(STEPS), None)
+    if form == "adamw8bit":
+        reference.load_state_dict(sharded_runs[0][0][form, method]["straight"])
     model = _model(seed=1)
     optimizer = _optimizer(model, form, _config(method, "right"))  # FSDP2 projected every weight from the right
     _load(model, optimizer, sharded_runs[1] / form / method, 0, 1)
     _train(model, optimizer, range(SAVE_AT, STEPS), None)
+    atol = 1e-3 if form == "adamw8bit" else 1e-4
     for name, param in reference.named_parameters():
-        torch.testing.assert_close(dict(model.named_parameters())[name], param, atol=1e-4, rtol=0, msg=name)
-
-
-def test_8bit_state_of_2_ranks_is_refused_in_one_process(sharded_runs):
-    """Block constants of each rank's rows fit no other split: a clear error before training, not wrong moments."""
-    model = _model(seed=1)
-    optimizer = _optimizer(model, "adamw8bit", _config("exact", "right"))
-    with pytest.raises(ValueError, match=r"0.bias with its rows split over 1 rank\(s\).* over 2 rank\(s\)"):
-        _load(model, optimizer, sharded_runs[1] / "adamw8bit" / "exact", 0, 1)
+        resumed = dict(model.named_parameters())[name]
+        torch.testing.assert_close(resumed, param, atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_corrupt_shard_is_refused_on_every_rank(sharded_runs):
@@ -220,3 +221,17 @@ def test_block_constants_by_row_round_trip(rows, cols, slots):
     table = blocks_by_row(constants, rows, cols, 256)
     assert table.shape == (rows, slots)
     assert torch.equal(blocks_from_rows(table, cols, 256), constants)
+
+
+def test_requantizing_8bit_moments_moves_them_by_at_most_one_code_step():
+    """Requantized in the same blocks, the codes come back, and each block constant is the largest dequantized
+    magnitude: the same, or 0.7% less where the largest value was negative (the signed map's lowest code is
+    -0.993, its highest 1.0), which is where 2 -> 1 resharding's one extra quantization shows."""
+    rule, state = AdamW8bitUpdate(min_8bit_size=16), {}
+    for step in range(1, 4):
+        rule.update(torch.randn(300, 3, generator=torch.Generator().manual_seed(step)), state, GROUP, step, 1e-2)
+    for constants_key, moment_key in rule.block_wise_state.items():
+        scales = block_scales_by_value(blocks_by_row(state[constants_key], 300, 3, BLOCKSIZE), 0, 300, 1, 3, BLOCKSIZE)
+        codes, constants = rule.requantize(moment_key, state[moment_key], scales)
+        assert torch.equal(codes, state[moment_key])
+        assert (constants <= state[constants_key]).all() and (constants >= 0.992 * state[constants_key]).all()

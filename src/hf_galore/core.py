@@ -36,6 +36,7 @@ from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
     RowShard,
     any_rank,
+    block_scales_by_value,
     blocks_by_row,
     blocks_from_rows,
     global_sum,
@@ -577,32 +578,46 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def _unpack_block_constants(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The state dict with `state_dict()`'s by-row block constants back as this rank's per-block lists.
 
-        The constants only fit the row shards that computed them: a checkpoint saved over another number of FSDP2
-        ranks raises (on every rank alike: the counts are replicated) before anything is loaded.
+        Saved over another number of FSDP2 ranks (another split of the rows into blocks), the 8-bit moments are
+        dequantized with the constants they were saved with and quantized again in this rank's blocks (no
+        collective: each value's old constant is in its row of the table).
         """
         blockwise = getattr(self.inner, "block_wise_state", {})
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
+        if len(saved_ids) != len(params):
+            return state_dict  # other parameters: `_check_resumable` says what changed
         unpacked = dict(state_dict["state"])
         for param_id, param in zip(saved_ids, params):
             state = unpacked.get(param_id, {})
             if QUANTIZED_SHARDS not in state:
                 continue  # not 8-bit, or saved before block constants were saved by row (per-block already)
             saved_shards, shards = int(state[QUANTIZED_SHARDS]), world_size(row_shard(param))
-            if saved_shards != shards:
-                raise ValueError(
-                    f"Cannot resume {self.param_name(param)} with its rows split over {shards} rank(s): its 8-bit "
-                    f"moments were quantized in blocks of each rank's rows over {saved_shards} rank(s) when the "
-                    f"checkpoint was saved, and those block constants fit only that split. Resume on {saved_shards} "
-                    "FSDP2 rank(s) (the same world size), or start the optimizer afresh (load only the model "
-                    "weights), or use galore_adamw, whose state reshards to any world size."
-                )
             state = unpacked[param_id] = {k: v for k, v in state.items() if k != QUANTIZED_SHARDS}
             for key, moment_key in blockwise.items():
-                if key in state and moment_key in state:
-                    moment = local_tensor(state[moment_key])
-                    cols = math.prod(moment.shape[1:]) if moment.dim() else 1
-                    state[key] = blocks_from_rows(local_tensor(state[key]), cols, self.inner.blocksize)
+                if key not in state or moment_key not in state:
+                    continue
+                moment, table = local_tensor(state[moment_key]), local_tensor(state[key])
+                cols = math.prod(moment.shape[1:]) if moment.dim() else 1
+                if table.dim() != 2 or table.shape[0] != (moment.shape[0] if moment.dim() else 1):
+                    continue  # not what `state_dict()` saves: `_check_resumable` names the mismatch
+                if saved_shards == shards:
+                    state[key] = blocks_from_rows(table, cols, self.inner.blocksize)
+                    continue
+                shard = row_shard(param)
+                global_rows = state[moment_key].shape[0] if moment.dim() else 1
+                scales = block_scales_by_value(
+                    table, shard.offset if shard else 0, global_rows, saved_shards, cols, self.inner.blocksize
+                )
+                codes, state[key] = self.inner.requantize(moment_key, moment.reshape(scales.shape), scales)
+                state[moment_key] = shard_like(codes.reshape(moment.shape), param)
+            if saved_shards != shards:
+                logger.info(
+                    "Requantized the 8-bit moments of %s: saved over %d row shard(s), loaded over %d.",
+                    self.param_name(param),
+                    saved_shards,
+                    shards,
+                )
         return {**state_dict, "state": unpacked}
 
     def _check_resumable(self, state_dict: dict[str, Any]) -> None:

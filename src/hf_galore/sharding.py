@@ -47,6 +47,7 @@ __all__ = [
     "RowShard",
     "all_gather_stacked",
     "any_rank",
+    "block_scales_by_value",
     "blocks_by_row",
     "blocks_from_rows",
     "count_collectives",
@@ -247,6 +248,18 @@ def blocks_from_rows(table: Tensor, cols: int, blocksize: int) -> Tensor:
     blocks = torch.arange(-(-rows * cols // blocksize), device=table.device)
     row = blocks * blocksize // cols  # the row holding each block's first value
     return table[row, blocks - row * cols // blocksize]
+
+
+def block_scales_by_value(
+    table: Tensor, first_row: int, global_rows: int, shards: int, cols: int, blocksize: int
+) -> Tensor:
+    """Each value's block constant (rows × cols), for rows [first_row, first_row + table rows) of a tensor that was
+    quantized row-sharded over `shards` ranks (torch.chunk split of `global_rows`), from `blocks_by_row`'s table
+    of those rows: what dequantizing needs when the rows are now split otherwise."""
+    chunk = -(-global_rows // shards)
+    rows = torch.arange(first_row, first_row + table.shape[0], device=table.device) % chunk  # row in its old shard
+    flat = rows[:, None] * cols + torch.arange(cols, device=table.device)[None, :]
+    return table.gather(1, flat // blocksize - (rows[:, None] * cols) // blocksize)
 
 
 # ---------------------------------------------------------------------------------------------------------------

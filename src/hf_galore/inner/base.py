@@ -23,7 +23,8 @@ class InnerUpdate(Protocol):
     """State keys laid out along the gradient's rows: under FSDP2 they are kept sharded like the parameter.
 
     A rule that quantizes its state in blocks also has `block_wise_state` (block-constant key -> the key of the
-    moment it scales) and `blocksize`: checkpoints save those constants by row (`hf_galore.sharding.blocks_by_row`).
+    moment it scales), `blocksize` and `requantize`: checkpoints save those constants by row
+    (`hf_galore.sharding.blocks_by_row`), and a load over another split of the rows requantizes the moments.
     """
 
     def validate_group(self, group: dict[str, Any]) -> None:
