@@ -5,7 +5,9 @@ then a template from `get_optimizer_state_dict`, `dcp.load` into it and `set_opt
 The run saves after step 4 of 8 with update_proj_gap=3: mid-interval (refreshes at steps 0, 3 and 6), so the resumed
 run must keep the bases, the moments and the schedule. On the same 2 ranks it must continue bit-identically. Loaded
 into one process (2 -> 1) it is held to the sharded-versus-one-process tolerance of tests/test_fsdp.py (1e-4: float
-sums in another order), against one process trained all 8 steps on the same global batch with proj_type right.
+sums in another order), against one process trained all 8 steps on the same global batch with proj_type right;
+8-bit moments are requantized there, and held to what that adds (see the test). Every 2-rank case runs in one pair
+of processes (a module fixture): starting one costs seconds.
 """
 
 from __future__ import annotations
