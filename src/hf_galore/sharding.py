@@ -46,6 +46,10 @@ __all__ = [
     "CommRecord",
     "RowShard",
     "all_gather_stacked",
+    "any_rank",
+    "block_scales_by_value",
+    "blocks_by_row",
+    "blocks_from_rows",
     "count_collectives",
     "gather_rows",
     "global_mean",
@@ -196,6 +200,66 @@ def global_rms(tensor: Tensor, numel: int, shard: RowShard | None) -> Tensor:
     if world_size(shard) == 1:
         return tensor.norm(2) / numel**0.5
     return (global_sum(tensor.float().square().sum(), shard) / numel).sqrt()
+
+
+def any_rank(flags: Tensor) -> Tensor:
+    """`flags` (0/1 floats) OR-ed over every rank of the default process group (one all-reduce of flags.numel()
+    floats); `flags` itself without a process group. Every rank must call it: a check that raises on one rank only
+    would leave the others waiting in their next collective."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return flags
+    agreed = flags.clone()
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block constants of row-sharded quantized state, by row
+#
+# A tensor quantized in blocks of B consecutive values (bitsandbytes' 8-bit moments: B = 256) keeps one constant per
+# block. Row-sharded, each rank quantizes its own rows, so the constants are a per-rank list whose length and block
+# boundaries depend on the world size: saved as a plain tensor, torch.distributed.checkpoint would keep one rank's
+# list for all. Saved by row instead, a (rows × k) table with row i holding the constants of the blocks its values
+# lie in, they shard with the rows like the moments themselves, and the table's global shape does not depend on the
+# world size.
+
+
+def _row_slots(cols: int, blocksize: int) -> int:
+    """The most blocks of `blocksize` one row of `cols` consecutive values can touch."""
+    return (cols + blocksize - 2) // blocksize + 1
+
+
+def blocks_by_row(constants: Tensor, rows: int, cols: int, blocksize: int) -> Tensor:
+    """The (rows × k) table of a rows×cols tensor's block constants (blocks of `blocksize` over its flat values):
+    entry [i, s] is the constant of the s-th block row i's values lie in (0 past the row's last block)."""
+    slots = _row_slots(cols, blocksize)
+    if rows == 0:  # an empty shard (more ranks than rows)
+        return constants.new_zeros((0, slots))
+    starts = torch.arange(rows, device=constants.device) * cols
+    first, last = starts // blocksize, (starts + cols - 1) // blocksize
+    index = first[:, None] + torch.arange(slots, device=constants.device)[None, :]
+    inside = index <= last[:, None]
+    return torch.where(inside, constants[index.clamp(max=constants.numel() - 1)], 0.0).to(constants.dtype)
+
+
+def blocks_from_rows(table: Tensor, cols: int, blocksize: int) -> Tensor:
+    """The block constants back from `blocks_by_row`'s table (the inverse, for the same rows and cols)."""
+    rows = table.shape[0]
+    blocks = torch.arange(-(-rows * cols // blocksize), device=table.device)
+    row = blocks * blocksize // cols  # the row holding each block's first value
+    return table[row, blocks - row * cols // blocksize]
+
+
+def block_scales_by_value(
+    table: Tensor, first_row: int, global_rows: int, shards: int, cols: int, blocksize: int
+) -> Tensor:
+    """Each value's block constant (rows × cols), for rows [first_row, first_row + table rows) of a tensor that was
+    quantized row-sharded over `shards` ranks (torch.chunk split of `global_rows`), from `blocks_by_row`'s table
+    of those rows: what dequantizing needs when the rows are now split otherwise."""
+    chunk = -(-global_rows // shards)
+    rows = torch.arange(first_row, first_row + table.shape[0], device=table.device) % chunk  # row in its old shard
+    flat = rows[:, None] * cols + torch.arange(cols, device=table.device)[None, :]
+    return table.gather(1, flat // blocksize - (rows[:, None] * cols) // blocksize)
 
 
 # ---------------------------------------------------------------------------------------------------------------

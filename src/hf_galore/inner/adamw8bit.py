@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,8 +44,11 @@ class AdamW8bitUpdate:
     """
 
     # The 8-bit moments have the gradient's shape and shard with its rows; the block constants are per rank (blocks
-    # of the local rows), so a distributed checkpoint of them reloads only at the same world size.
+    # of the local rows): checkpoints save them by row (see `hf_galore.sharding.blocks_by_row`); loaded over another
+    # split of the rows, the moments are requantized in the new blocks (`requantize`).
     row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ})
+    block_wise_state = MappingProxyType({EXP_AVG_ABSMAX: EXP_AVG, EXP_AVG_SQ_ABSMAX: EXP_AVG_SQ})  # constant -> moment
+    blocksize = BLOCKSIZE
 
     def __init__(self, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
@@ -62,6 +66,20 @@ class AdamW8bitUpdate:
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""
         return layout_bytes(self, shape, dtype, group={}, shard=shard)
+
+    def requantize(self, moment_key: str, codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+        """An 8-bit moment dequantized with each value's old block constant (`scales`, codes' shape) and quantized
+        again in blocks of `codes` itself, as bitsandbytes quantizes: (codes, block constants). One extra
+        quantization: in the same blocks the codes come back and a constant shrinks by at most one step of the map's
+        top (0.7%, where a block's largest value is negative: the signed map ends at -0.993 and 1.0)."""
+        import bitsandbytes.functional as bnbf
+
+        if codes.numel() == 0:  # an empty row shard
+            return codes, scales.new_zeros(0)
+        qmap = _qmap(moment_key == EXP_AVG, codes.device)  # the first moment is signed, the second is not
+        values = (qmap[codes.long()] * scales).contiguous()
+        quantized, quant_state = bnbf.quantize_blockwise(values, code=qmap, blocksize=BLOCKSIZE)
+        return quantized, quant_state.absmax.float()
 
     def init_state(
         self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None

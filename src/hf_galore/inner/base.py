@@ -20,7 +20,12 @@ class InnerUpdate(Protocol):
     """
 
     row_wise_state: frozenset[str]
-    """State keys laid out along the gradient's rows: under FSDP2 they are kept sharded like the parameter."""
+    """State keys laid out along the gradient's rows: under FSDP2 they are kept sharded like the parameter.
+
+    A rule that quantizes its state in blocks also has `block_wise_state` (block-constant key -> the key of the
+    moment it scales), `blocksize` and `requantize`: checkpoints save those constants by row
+    (`hf_galore.sharding.blocks_by_row`), and a load over another split of the rows requantizes the moments.
+    """
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise a `ValueError` naming any hyper-parameter of `group` this rule cannot use."""
