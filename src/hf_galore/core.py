@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .config import GROUP_DEFAULTS, GaLoreConfig, validate_galore_options
 from .inner import InnerUpdate
+from .layerwise import LayerwiseHooks, accelerate_sync_gradients
 from .log import warn_at_caller
 from .projector import (
     add_projected_back_,
@@ -28,45 +27,34 @@ from .projector import (
     effective_rank,
     identity_bases,
     project,
-    projected_shape,
-    projection_sides,
     resolve_proj_type,
     subspace_overlap,
 )
 from .residual import fira_residual
+from .resume import Resumable
 from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
     RowShard,
-    any_rank,
-    block_scales_by_value,
-    blocks_by_row,
-    blocks_from_rows,
     global_sum,
     local_tensor,
     row_shard,
     shard_like,
-    world_size,
+)
+from .state_keys import (  # noqa: F401  re-exported: the names tests and users import from here
+    CHECKPOINT_GROUP_KEYS,
+    LAYOUT_KEYS,
+    LEFT_BASIS,
+    NEXT_REFRESH,
+    QUANTIZED_SHARDS,
+    REFRESH_INTERVAL,
+    RESIDUAL_NORM,
+    RIGHT_BASIS,
+    SCHEDULE_KEYS,
+    STEP,
+    is_galore_group,
 )
 
 logger = logging.getLogger(__name__)
-
-STEP = "step"
-LEFT_BASIS = "left_basis"
-RIGHT_BASIS = "right_basis"
-NEXT_REFRESH = "next_refresh"  # plain int, in the refresh clock's units
-REFRESH_INTERVAL = "refresh_interval"  # plain int: the interval that scheduled NEXT_REFRESH
-RESIDUAL_NORM = "residual_norm"  # 0-d tensor: the Fira residual's norm last step (its norm-growth limiter)
-# Counters and scalars that may come or go with a setting that can change on resume: not part of the layout check.
-SCHEDULE_KEYS = (STEP, NEXT_REFRESH, REFRESH_INTERVAL, RESIDUAL_NORM)
-# Checkpoints only, plain int: over how many row shards (FSDP2 ranks) the block constants were computed (1 unsharded).
-QUANTIZED_SHARDS = "quantized_shards"
-# On resume the checkpoint provides these group keys (the LR scheduler's); the settings given now provide the rest.
-CHECKPOINT_GROUP_KEYS = ("lr", "initial_lr")
-# Group keys that fix the layout of the saved state: they cannot change on resume without starting afresh.
-LAYOUT_KEYS = ("rank", "proj_type")
-
-# parameter -> the optimizer whose layer-wise hook is registered on it (held weakly on both sides)
-_HOOK_OWNERS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 @dataclass
@@ -81,10 +69,6 @@ class RefreshStats:
     @property
     def mean_overlap(self) -> float | None:
         return self.overlap_sum / self.overlap_count if self.overlap_count else None
-
-
-def is_galore_group(group: dict[str, Any]) -> bool:
-    return group.get("rank") is not None
 
 
 def split_galore_groups(
@@ -123,23 +107,7 @@ def split_galore_groups(
     return split
 
 
-def _hook_owner(param: Tensor) -> GaLoreOptimizer | None:
-    """The live optimizer whose layer-wise hook is registered on `param`, if any."""
-    owner = _HOOK_OWNERS.get(param)
-    return owner() if owner is not None else None
-
-
-def accelerate_sync_gradients() -> bool:
-    """True on the micro-batch whose backward completes the accumulated gradient (always, without accumulation).
-
-    accelerate's GradientState is shared process-wide and defaults to True when nothing set it up.
-    """
-    from accelerate.state import GradientState
-
-    return GradientState().sync_gradients
-
-
-class GaLoreOptimizer(torch.optim.Optimizer):
+class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
     """Gradient Low-Rank Projection around a pluggable inner update rule (Zhao et al., 2024, Algorithm 1).
 
     `galore_params` + `galore_config` give GaLore to those tensors whatever groups `params` holds (otherwise,
@@ -232,75 +200,6 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 if member is param and "param_names" in group:
                     return group["param_names"][index]
         return f"a parameter shaped {tuple(param.shape)}"
-
-    # ---- layer-wise hooks -------------------------------------------------------------------------------------
-
-    @property
-    def has_hooks(self) -> bool:
-        return bool(self._layerwise_hooks)
-
-    def register_hooks(self) -> None:
-        """Update each parameter from its post-accumulate-grad hook (layer-wise form); calling it again does nothing.
-
-        The hooks hold the optimizer weakly: once it is garbage, they do nothing and gradients accumulate as usual.
-        """
-        if not self.layerwise:
-            raise RuntimeError("register_hooks() is for layer-wise optimizers (layerwise=True).")
-        params = [p for group in self.param_groups for p in group["params"]]
-        if self._layerwise_hooks and all(a is b for a, b in zip(self._hooked, params)):
-            return
-        self.remove_hooks()  # none yet, or on parameters the groups no longer hold (swapped by FSDP2's prepare)
-        self._hooked = params
-        self._release_from_earlier_hooks()
-        # Group by index, looked up when the hook runs: load_state_dict (accelerate's prepare does one) replaces
-        # the group dicts, and the LR scheduler writes the new ones.
-        group_index = {param: i for i, group in enumerate(self.param_groups) for param in group["params"]}
-        owner = weakref.ref(self)
-
-        def update_now(param: Tensor) -> None:
-            optimizer = owner()
-            if optimizer is not None:
-                optimizer._layerwise_update(param, group_index[param])
-
-        for param in group_index:
-            if param.requires_grad:
-                self._layerwise_hooks.append(param.register_post_accumulate_grad_hook(update_now))
-                _HOOK_OWNERS[param] = owner
-
-    def remove_hooks(self) -> None:
-        """Stop updating from backward hooks: later `backward()` calls leave `.grad` alone, as without GaLore."""
-        for handle in self._layerwise_hooks:
-            handle.remove()
-        self._layerwise_hooks = []
-        for param in self._hooked:
-            if _hook_owner(param) is self:
-                del _HOOK_OWNERS[param]
-        self._hooked = []
-
-    def _release_from_earlier_hooks(self) -> None:
-        """Take our parameters back from another optimizer's layer-wise hooks (a run that never reached its end).
-
-        Left in place, those hooks would update the weights and delete every gradient before this optimizer sees
-        it.
-        """
-        owners = (_hook_owner(param) for group in self.param_groups for param in group["params"])
-        earlier = {id(owner): owner for owner in owners if owner is not None and owner is not self}
-        for other in earlier.values():
-            other.remove_hooks()
-            warn_at_caller(
-                "Removed the layer-wise hooks an earlier GaLore optimizer left on these parameters (its training "
-                "did not reach its end, e.g. it was interrupted); they would have consumed this optimizer's "
-                "gradients. Call `optimizer.remove_hooks()` when you abandon a layer-wise optimizer."
-            )
-
-    def _layerwise_update(self, param: Tensor, group_index: int) -> None:
-        if param.grad is None or not self._should_step():
-            return
-        with torch.no_grad():
-            self._norm_shard = self._norm_shard or row_shard(param)  # sharded squares are summed over ranks in step()
-            self._layerwise_sq_norm = self._layerwise_sq_norm + local_tensor(param.grad).float().square().sum()
-            self._update_parameter(param, self.param_groups[group_index])
-        param.grad = None
 
     # ---- groups -----------------------------------------------------------------------------------------------
 
@@ -538,250 +437,6 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Refresh figures gathered since the last call (telemetry, not checkpointed state)."""
         stats, self._refresh_stats = self._refresh_stats, RefreshStats()
         return stats
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, with 8-bit block constants saved by row (`hf_galore.sharding.blocks_by_row`).
-
-        Under FSDP2 each rank quantizes its own rows, so the constants are per-rank lists; by row they shard like
-        the moments (a DTensor of global shape rows × k, whatever the world size), and torch.distributed.checkpoint
-        saves every rank's, where a plain tensor would be saved once, from one rank, for all. `quantized_shards`
-        records over how many row shards they were computed; `load_state_dict` converts them back.
-        """
-        state_dict = super().state_dict()
-        blockwise = getattr(self.inner, "block_wise_state", {})
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, param in enumerate(params):
-            state = state_dict["state"].get(index)
-            if not blockwise or not state or not blockwise.keys() & state.keys():
-                continue
-            state = state_dict["state"][index] = dict(state)  # the live state stays as it is
-            for key, moment_key in blockwise.items():
-                moment = local_tensor(state[moment_key])
-                rows, cols = (moment.shape[0], math.prod(moment.shape[1:])) if moment.dim() else (1, 1)
-                table = blocks_by_row(local_tensor(state[key]), rows, cols, self.inner.blocksize)
-                state[key] = shard_like(table, param)
-            state[QUANTIZED_SHARDS] = world_size(row_shard(param))
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from a checkpoint: its state, learning rate and schedule; the settings given now for the rest.
-
-        Settings that do not change the state's layout (`update_proj_gap`, `scale`, refresh options, weight decay,
-        betas, eps, …) take the value given now, and each change is logged. What fixes the layout (`rank`,
-        `proj_type`, the inner form, 8-bit or not, GaLore or not) must match the checkpoint: a mismatch raises
-        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf, and an
-        8-bit one saved over another number of FSDP2 ranks. Saved dtypes are kept (torch would cast 8-bit moments to
-        the parameter's dtype).
-
-        Under FSDP2 (torch.distributed.checkpoint, `set_optimizer_state_dict`) the state holds DTensors: the checks
-        use their global shapes, and every rank reaches the same verdict. Whatever ran before the load (e.g. the
-        zero-gradient, lr=0 step torch.distributed.checkpoint takes to create a template state) leaves no trace:
-        its state is replaced, and its refresh and skip telemetry is dropped.
-        """
-        state_dict = self._unpack_block_constants(state_dict)
-        self._check_resumable(state_dict)
-        self._refresh_clock = None  # the checkpoint's schedule counts the steps of the run that saved it
-        self._refresh_stats, self._skipped, self._skipped_this_step = RefreshStats(), [], []
-        self.last_grad_norm, self._layerwise_sq_norm = None, 0.0
-        given_now = [dict(group) for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        self._apply_settings_given_now(given_now)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for param_id, param in zip(saved_ids, params):
-            for key, saved in state_dict["state"].get(param_id, {}).items():
-                loaded = self.state[param].get(key)
-                if isinstance(saved, Tensor) and isinstance(loaded, Tensor) and loaded.dtype != saved.dtype:
-                    self.state[param][key] = saved.to(device=param.device)
-
-    def _unpack_block_constants(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """The state dict with `state_dict()`'s by-row block constants back as this rank's per-block lists.
-
-        Saved over another number of FSDP2 ranks (another split of the rows into blocks), the 8-bit moments are
-        dequantized with the constants they were saved with and quantized again in this rank's blocks (no
-        collective: each value's old constant is in its row of the table).
-        """
-        blockwise = getattr(self.inner, "block_wise_state", {})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        if len(saved_ids) != len(params):
-            return state_dict  # other parameters: `_check_resumable` says what changed
-        unpacked = dict(state_dict["state"])
-        for param_id, param in zip(saved_ids, params):
-            state = unpacked.get(param_id, {})
-            if QUANTIZED_SHARDS not in state:
-                continue  # not 8-bit, or saved before block constants were saved by row (per-block already)
-            saved_shards, shards = int(state[QUANTIZED_SHARDS]), world_size(row_shard(param))
-            state = unpacked[param_id] = {k: v for k, v in state.items() if k != QUANTIZED_SHARDS}
-            for key, moment_key in blockwise.items():
-                if key not in state or moment_key not in state:
-                    continue
-                moment, table = local_tensor(state[moment_key]), local_tensor(state[key])
-                cols = math.prod(moment.shape[1:]) if moment.dim() else 1
-                if table.dim() != 2 or table.shape[0] != (moment.shape[0] if moment.dim() else 1):
-                    continue  # not what `state_dict()` saves: `_check_resumable` names the mismatch
-                if saved_shards == shards:
-                    state[key] = blocks_from_rows(table, cols, self.inner.blocksize)
-                    continue
-                shard = row_shard(param)
-                global_rows = state[moment_key].shape[0] if moment.dim() else 1
-                scales = block_scales_by_value(
-                    table, shard.offset if shard else 0, global_rows, saved_shards, cols, self.inner.blocksize
-                )
-                codes, state[key] = self.inner.requantize(moment_key, moment.reshape(scales.shape), scales)
-                state[moment_key] = shard_like(codes.reshape(moment.shape), param)
-            if saved_shards != shards:
-                logger.info(
-                    "Requantized the 8-bit moments of %s: saved over %d row shard(s), loaded over %d.",
-                    self.param_name(param),
-                    saved_shards,
-                    shards,
-                )
-        return {**state_dict, "state": unpacked}
-
-    def _check_resumable(self, state_dict: dict[str, Any]) -> None:
-        fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Cannot resume: the checkpoint's optimizer has {len(saved_groups)} param groups, this one has "
-                f"{len(self.param_groups)}. The target selection (optim_target_modules), the trainable parameters "
-                f"or the weight-decay split changed since it was saved. Resume with the same settings, {fresh}."
-            )
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            where = f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"Cannot resume: {where} held {len(saved['params'])} tensors in the checkpoint. The target "
-                    f"selection or the trainable parameters changed since it was saved. Resume with the same "
-                    f"settings, {fresh}."
-                )
-            if is_galore_group(saved) != is_galore_group(group):
-                was, now = ("GaLore", "a plain group") if is_galore_group(saved) else ("a plain group", "GaLore")
-                raise ValueError(
-                    f"Cannot resume: {where} is {now} now but was {was} in the checkpoint (saved by a different "
-                    f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
-                )
-            for key in LAYOUT_KEYS if is_galore_group(group) else ():
-                if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
-                    raise ValueError(
-                        f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
-                        f"{key}={saved[key]!r} ({where}), and its moments and bases have that shape. Resume with "
-                        f"{key}={saved[key]!r}, {fresh}."
-                    )
-            for param_id, param in zip(saved["params"], group["params"]):
-                self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
-        self._check_finite(state_dict)
-
-    def _same_projection(self, saved: dict[str, Any], group: dict[str, Any], key: str, states: dict[Any, Any]) -> bool:
-        """Whether a `proj_type` named differently gives every weight of the group the projection it was saved with:
-        an FSDP2 run projects sharded weights from the right whatever `std` would pick, so `std` there is `right`
-        in one process (and vice versa). Decided on keys and global shapes, the same on every rank."""
-        if key != "proj_type":
-            return False
-        pairs = [(param, states.get(param_id, {})) for param_id, param in zip(saved["params"], group["params"])]
-        return all(self._layout_matches(param, group, state) for param, state in pairs if state)
-
-    def _layout_matches(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any]) -> bool:
-        """The saved state has the keys, shapes (global, for DTensors) and kinds (8-bit or float) this optimizer
-        would create for `param`."""
-        expected = self.state_layout(param, group)
-        found = {k: v for k, v in saved.items() if k not in SCHEDULE_KEYS}
-        return found.keys() == expected.keys() and all(
-            isinstance(v, Tensor)
-            and tuple(v.shape) == tuple(expected[k].shape)
-            and (v.dtype == torch.uint8) == (expected[k].dtype == torch.uint8)
-            for k, v in found.items()
-        )
-
-    def _check_finite(self, state_dict: dict[str, Any]) -> None:
-        """No NaN or inf in the saved tensors. Sharded, each rank checks its own rows and the ranks agree (one
-        all-reduce), so all of them raise the same error or none does."""
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        entries = [
-            (param, key, value)
-            for param_id, param in zip(saved_ids, params)
-            for key, value in state_dict["state"].get(param_id, {}).items()
-            if isinstance(value, Tensor) and value.is_floating_point()
-        ]
-        sharded = next((p for p in params if row_shard(p) is not None), None)
-        device = local_tensor(sharded).device if sharded is not None else "cpu"
-        bad = torch.tensor([float(not torch.isfinite(local_tensor(v)).all()) for _, _, v in entries], device=device)
-        if sharded is not None:
-            bad = any_rank(bad)
-        for (param, key, _), flag in zip(entries, bad.tolist()):
-            if flag:
-                raise ValueError(
-                    f"Cannot resume {self.param_name(param)}: the checkpoint's {key} holds NaN or inf values (a "
-                    "corrupt checkpoint, not a gradient problem of this run). Resume from an earlier checkpoint."
-                )
-
-    def _check_saved_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], fresh: str) -> None:
-        """The saved state must have the keys, shapes (global, for DTensors) and kinds (8-bit or float) this
-        optimizer would create. Every rank sees the same keys and global shapes, so all raise alike."""
-        if not saved:
-            return
-        expected = self.state_layout(param, group)
-        found = {k: v for k, v in saved.items() if k not in SCHEDULE_KEYS}
-
-        def describe(entries: dict[str, Any]) -> str:  # the moments: the bases' shapes follow from rank/proj_type
-            return ", ".join(
-                f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-                for k, v in entries.items()
-                if k not in (LEFT_BASIS, RIGHT_BASIS) and isinstance(v, Tensor)
-            )
-
-        if not self._layout_matches(param, group, saved):
-            raise ValueError(
-                f"Cannot resume {self.param_name(param)}: the checkpoint holds {describe(found) or 'no moments'}, "
-                f"while {type(self).__name__} with these settings keeps {describe(expected)}. It was saved with a "
-                f"different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), min_8bit_size, "
-                f"beta1 or projection side (FSDP2 projects sharded weights from the right: continue such a run "
-                f"unsharded with proj_type='right'). Resume with the checkpoint's settings, {fresh}."
-            )
-
-    def state_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """The state tensors this optimizer creates for `param` (on the meta device: shapes and dtypes only).
-
-        Row-sharded (FSDP2), per-row state has the global shape (it is kept as DTensors) and the rest this rank's
-        (8-bit block constants: blocks of the local rows).
-        """
-        shape = tuple(param.shape)
-        shard = row_shard(param)
-        if is_galore_group(group):
-            proj_type = self._proj_type(param, group, row_sharded=shard is not None)
-            shape = projected_shape(shape, group["rank"], proj_type)
-        local_shape = shape if shard is None else (local_tensor(param).shape[0], *shape[1:])
-        layout: dict[str, Tensor] = {}
-        self.inner.init_state(torch.empty(local_shape, dtype=param.dtype, device="meta"), layout, group, shard)
-        for key in layout.keys() & self.inner.row_wise_state if shard is not None else ():
-            layout[key] = torch.empty((shape[0], *layout[key].shape[1:]), dtype=layout[key].dtype, device="meta")
-        if is_galore_group(group):
-            left, right = projection_sides(tuple(param.shape), proj_type)
-            r = effective_rank(tuple(param.shape), group["rank"])
-            if left:
-                layout[LEFT_BASIS] = torch.empty(param.shape[0], r, dtype=param.dtype, device="meta")
-            if right:
-                layout[RIGHT_BASIS] = torch.empty(r, param.shape[1], dtype=param.dtype, device="meta")
-        return layout
-
-    def _apply_settings_given_now(self, given_now: list[dict[str, Any]]) -> None:
-        for index, (group, now) in enumerate(zip(self.param_groups, given_now)):
-            kept = {key: group[key] for key in CHECKPOINT_GROUP_KEYS if key in group}
-            ignored = ("params", "param_names", *CHECKPOINT_GROUP_KEYS)
-            changes = [
-                f"{key} {group[key]!r} -> {value!r}"
-                for key, value in now.items()
-                if key not in ignored and key in group and group[key] != value
-            ]
-            group.clear()
-            group.update(now)
-            group.update(kept)
-            if changes:
-                logger.info("Resumed param group %d with the settings given now: %s.", index, ", ".join(changes))
 
 
 def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:
