@@ -71,9 +71,9 @@ class Resumable:
         Settings that do not change the state's layout (`update_proj_gap`, `scale`, refresh options, weight decay,
         betas, eps, …) take the value given now, and each change is logged. What fixes the layout (`rank`,
         `proj_type`, the inner form, 8-bit or not, GaLore or not) must match the checkpoint: a mismatch raises
-        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf, and an
-        8-bit one saved over another number of FSDP2 ranks. Saved dtypes are kept (torch would cast 8-bit moments to
-        the parameter's dtype).
+        before anything is loaded, naming both values. So does a checkpoint whose state holds NaN or inf. 8-bit
+        moments saved over another number of FSDP2 ranks are quantized again in this rank's blocks (logged). Saved
+        dtypes are kept (torch would cast 8-bit moments to the parameter's dtype).
 
         Under FSDP2 (torch.distributed.checkpoint, `set_optimizer_state_dict`) the state holds DTensors: the checks
         use their global shapes, and every rank reaches the same verdict. Whatever ran before the load (e.g. the
