@@ -18,7 +18,8 @@ FORMS = {
 
 
 def reference_residual(grad, low, update, left, right, previous):
-    """Fira's scaled residual, column by column (left projection) or row by row (right), then the 1.01 limiter."""
+    """Fira's scaled residual at unit lr (`update` is D / lr), column by column (left projection) or row by row
+    (right), then the 1.01 limiter."""
     back = low if left is None else left @ low
     back = back if right is None else back @ right
     residual = grad - back
@@ -54,7 +55,10 @@ def test_fira_residual_equals_the_reference(form, proj_type, weight_decay):
     expected = [fira_model[i].weight.detach().clone() for i in targets]
     previous = [None, None]
     gen = torch.Generator().manual_seed(3)
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        lr = LR * (step + 1) / STEPS  # a warm-up: the limiter must see the residual's growth, not the schedule's
+        for group in (*fira.param_groups, *plain.param_groups):
+            group["lr"] = lr
         grads = [torch.randn(p.shape, generator=gen) for p in fira_model.parameters()]
         for model in (fira_model, plain_model):
             for p, g in zip(model.parameters(), grads):
@@ -68,10 +72,10 @@ def test_fira_residual_equals_the_reference(form, proj_type, weight_decay):
             grad = grads[2 * k]
             low = grad if left is None else left.T @ grad
             low = low if right is None else low @ right.T
-            residual, previous[k] = reference_residual(grad, low, updates[k], left, right, previous[k])
+            residual, previous[k] = reference_residual(grad, low, updates[k] / lr, left, right, previous[k])
             back = updates[k] if left is None else left @ updates[k]
             back = back if right is None else back @ right
-            expected[k] = expected[k] * (1 - LR * weight_decay) - SCALE * (back + residual)
+            expected[k] = expected[k] * (1 - lr * weight_decay) - SCALE * (back + lr * residual)
     for k, i in enumerate(targets):
         torch.testing.assert_close(fira_model[i].weight.detach(), expected[k], atol=2e-6, rtol=1e-5)
     assert not torch.allclose(fira_model[0].weight, plain_model[0].weight)  # the residual did something

@@ -302,11 +302,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             weight.sub_(delta)
             return
         left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
-        if group["residual"] == "fira":
+        if group["residual"] == "fira" and lr > 0:  # lr 0 (e.g. a checkpoint's template step) moves nothing
             residual, state[RESIDUAL_NORM] = fira_residual(
-                full_grad, grad, delta, left, right, state.get(RESIDUAL_NORM), shard
+                full_grad, grad, delta, lr, left, right, state.get(RESIDUAL_NORM), shard
             )
-            weight.add_(residual, alpha=-group["scale"])
+            weight.add_(residual, alpha=-group["scale"] * lr)
         add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
 
     def _proj_type(self, param: Tensor, group: dict[str, Any], *, row_sharded: bool) -> str:
