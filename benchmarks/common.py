@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +33,13 @@ def write_report(report: dict, output: Path) -> None:
     print(f"wrote {output}")
 
 
-def quiet_library_logs() -> None:
-    """No target tables between a benchmark's rows."""
-    logging.getLogger("hf_galore").setLevel(logging.WARNING)
+@contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """No target tables between a benchmark's rows; the level comes back after (tests run benchmarks in-process)."""
+    logger = logging.getLogger("hf_galore")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -245,14 +245,14 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, out_dir: Path, body: Callable, setup: dict) -> None:
     torch.set_num_threads(1)  # one core per rank
-    quiet_library_logs()
     warnings.simplefilter("ignore")
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(minutes=10)
         )
     try:
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(body(rank, world, setup)))
+        with quiet_library_logs():
+            (out_dir / f"rank{rank}.json").write_text(json.dumps(body(rank, world, setup)))
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -18,12 +18,11 @@ benchmarks/results/fsdp_plan.json).
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from common import write_report
+from common import quiet_library_logs, write_report
 
 from hf_galore.estimate import estimate, parse_memory_size
 from hf_galore.report import format_table, gib, mib
@@ -103,13 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="llama-tiny on 1 and 2 GPUs (seconds)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "fsdp_plan.json")
     args = parser.parse_args(argv)
-    logger = logging.getLogger("hf_galore")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the target table would be logged once per run
-    try:
+    with quiet_library_logs():  # the target table would be logged once per run
         report = plan_runs(args.quick)
-    finally:
-        logger.setLevel(level)
     print(format_report(report))
     write_report(report, args.output)
     return report

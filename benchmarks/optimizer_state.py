@@ -164,9 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (default 7; 2 quick)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "optimizer_state.json")
     args = parser.parse_args(argv)
-    quiet_library_logs()
     rank = args.rank or (8 if args.quick else 128)
-    with warnings.catch_warnings():
+    with quiet_library_logs(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = measure(args.quick, rank, args.repeats or (2 if args.quick else 7))
     print(format_table(report))

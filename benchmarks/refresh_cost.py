@@ -189,9 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small shapes, seconds")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "refresh_cost.json")
     args = parser.parse_args(argv)
-    quiet_library_logs()
     rank = 8 if args.quick else 128
-    with warnings.catch_warnings():
+    with quiet_library_logs(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = {
             "rank": rank,

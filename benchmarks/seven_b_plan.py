@@ -15,12 +15,11 @@ AdamW for contrast. Prints a table and writes JSON (default benchmarks/results/s
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from common import write_report
+from common import quiet_library_logs, write_report
 
 from hf_galore.estimate import MemoryPlan, estimate, format_plan
 from hf_galore.report import format_table, gib
@@ -91,13 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="llama-tiny instead of llama-7b (seconds)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "seven_b_plan.json")
     args = parser.parse_args(argv)
-    logger = logging.getLogger("hf_galore")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the target table would be logged once per run
-    try:
+    with quiet_library_logs():  # the target table would be logged once per run
         report = plan_runs(args.quick)
-    finally:
-        logger.setLevel(level)
     first = next(iter(report["runs"]))
     print(format_plan(MemoryPlan(**report["runs"][first]["plan"])))
     print()

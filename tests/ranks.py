@@ -42,3 +42,15 @@ def run_on_ranks(tmp_path: Path, body, *args) -> list:
         _worker, args=(_free_port(), tmp_path, body, args), nprocs=WORLD, join=True, start_method="forkserver"
     )
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def shard_linears(model: torch.nn.Sequential) -> torch.nn.Sequential:
+    """FSDP2 on this rank's 1-D mesh: each Linear its own unit, then the model (as accelerate wraps layers)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

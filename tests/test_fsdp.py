@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from ranks import WORLD, run_on_ranks
+from ranks import WORLD, run_on_ranks, shard_linears
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import LEFT_BASIS, RIGHT_BASIS
@@ -63,14 +62,7 @@ def _state_bytes(optimizer) -> dict[str, int]:
 
 
 def _sharded_run(rank: int, form: str, config: GaLoreConfig) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-    model = _model()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard_linears(_model())
     optimizer = _optimizer(model, form, config)
     traffic = []
     for x, y in _batches():

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import WORLD, run_on_ranks
+from ranks import WORLD, run_on_ranks, shard_linears
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import NEXT_REFRESH, STEP
@@ -114,14 +114,7 @@ def _load(model, optimizer, directory: Path, rank: int, world: int) -> None:
 
 
 def _sharded(form: str, config: GaLoreConfig, seed: int = 0):
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-    model = _model(seed)
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard_linears(_model(seed))
     return model, _optimizer(model, form, config)
 
 

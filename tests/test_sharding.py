@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import WORLD, run_on_ranks
+from ranks import WORLD, run_on_ranks, shard_linears
 
 from hf_galore.inner.adafactor import AdafactorUpdate
 from hf_galore.projector import add_projected_back_, compute_bases, project, randomized_right_basis
@@ -187,16 +187,10 @@ def _twin_inputs() -> torch.Tensor:
 
 
 def _fully_shard_body(rank: int) -> dict:
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-    model = _Twin()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard_linears(_Twin())
     model(_twin_inputs()).square().sum().backward()  # the same batch on both ranks: the mean is the one-rank grad
     found = {}
     for name, param in model.named_parameters():
@@ -233,14 +227,7 @@ def test_fully_shard_gradients_are_row_blocks_at_the_offsets_row_shard_gives(tmp
 
 
 def _accumulation_hook_body(rank: int) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-    model = _Twin()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard_linears(_Twin())
     fired: list[tuple[int, str, torch.Tensor]] = []
     names = {param: name for name, param in model.named_parameters()}
     for param in model.parameters():
