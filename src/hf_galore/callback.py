@@ -57,20 +57,20 @@ class GaLoreCallback(TrainerCallback):
         self.refresh_seconds = 0.0
         self.skipped_updates = 0
 
-    def _collect_refreshes(self, galore: GaLoreOptimizer) -> RefreshStats:
-        """The refreshes since the last call, also added to the run's totals for the closing summary."""
-        stats = galore.pop_refresh_stats()
+    def _collect(self, galore: GaLoreOptimizer) -> tuple[RefreshStats, int]:
+        """Refreshes and skipped updates since the last call, also added to the run's totals for the summary."""
+        stats, skipped = galore.pop_refresh_stats(), len(galore.pop_skipped_updates())
         self.refreshes += stats.count
         self.refresh_seconds += stats.seconds
-        return stats
+        self.skipped_updates += skipped
+        return stats, skipped
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.refreshes, self.refresh_seconds, self.skipped_updates = 0, 0.0, 0  # this train() call's summary
         galore = unwrap_galore(optimizer)
         if galore is None:
             return
-        galore.pop_refresh_stats()
-        galore.pop_skipped_updates()
+        self._collect(galore)  # drop what happened before this train() call ...
+        self.refreshes, self.refresh_seconds, self.skipped_updates = 0, 0.0, 0  # ... so the summary is this call's
         galore.restart_refresh_clock(state.global_step)
         if galore.layerwise:
             galore.register_hooks()  # again when train() runs a second time; anew on FSDP2's sharded parameters
@@ -84,9 +84,7 @@ class GaLoreCallback(TrainerCallback):
         galore = unwrap_galore(optimizer)
         if galore is None or logs is None or "loss" not in logs:
             return
-        stats = self._collect_refreshes(galore)
-        skipped = len(galore.pop_skipped_updates())
-        self.skipped_updates += skipped
+        stats, skipped = self._collect(galore)
         figures = {
             **memory_figures(galore),
             "galore/refresh_seconds": stats.seconds,
@@ -106,8 +104,7 @@ class GaLoreCallback(TrainerCallback):
         if galore is None:
             return
         galore.remove_hooks()  # later backward passes (evaluation, another Trainer) must not update the weights
-        self._collect_refreshes(galore)
-        self.skipped_updates += len(galore.pop_skipped_updates())
+        self._collect(galore)
         figures = memory_figures(galore)
         logger.info(
             "GaLore: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "
