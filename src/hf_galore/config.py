@@ -13,6 +13,10 @@ RefreshMethod = Literal["exact", "randomized"]
 REFRESH_METHODS: tuple[str, ...] = get_args(RefreshMethod)
 Residual = Literal["none", "fira"]
 RESIDUALS: tuple[str, ...] = get_args(Residual)
+Others = Literal["same", "adamw", "adamw8bit", "adafactor", "frozen"]
+OTHERS: tuple[str, ...] = get_args(Others)
+# Options of the whole optimizer, not of a GaLore param group: they are not copied into the GaLore groups.
+OPTIMIZER_OPTIONS = ("others",)
 
 
 def _is_int(value: Any) -> bool:
@@ -46,6 +50,11 @@ def validate_galore_options(options: Mapping[str, Any]) -> None:
     if options["residual"] not in RESIDUALS:
         residual = options["residual"]
         raise ValueError(f"Invalid residual={residual!r}. Must be one of {', '.join(RESIDUALS)}.")
+    if options.get("others", "same") not in OTHERS:
+        raise ValueError(
+            f"Invalid others={options['others']!r}. Must be one of {', '.join(OTHERS)} (how the parameters that are "
+            "not GaLore targets are trained)."
+        )
 
 
 @dataclass
@@ -88,15 +97,24 @@ class GaLoreConfig:
         },
     )
 
+    others: Others = field(
+        default="same",
+        metadata={
+            "help": "How the parameters that are not targets (embeddings, norms, biases, heads) are trained: same "
+            "(the optimizer's own rule on the full gradient), adamw, adamw8bit, adafactor (factored second moment, no "
+            "first moment: a few KiB for an embedding table), or frozen (requires_grad=False, no state)."
+        },
+    )
+
     def __post_init__(self) -> None:
         validate_galore_options(asdict(self))
 
     def group_options(self) -> dict[str, Any]:
         """The keys a param group carries to be optimized with GaLore."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in OPTIMIZER_OPTIONS}
 
 
-GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in asdict(GaLoreConfig()).items() if k != "rank"}
+GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in GaLoreConfig().group_options().items() if k != "rank"}
 
 
 def _convert(key: str, text: str, kind: type) -> Any:

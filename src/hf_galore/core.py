@@ -1,7 +1,8 @@
 """The one GaLore optimizer loop: project, run the inner update in the subspace, project back, apply.
 
 `step()` only loops; the maths lives in `projector` (projection) and `inner` (the update rule). Param groups
-that carry `rank` get GaLore; the others get the inner rule on the full gradient, exactly like the plain optimizer.
+that carry `rank` get GaLore; the others get the inner rule on the full gradient, exactly like the plain optimizer,
+or the rule their `inner` key names (`adamw`, `adamw8bit`, `adafactor`; `frozen`: not trained, no state).
 Optimizer state holds tensors and plain values only, so `torch.load(weights_only=True)` reads a checkpoint.
 """
 
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import GROUP_DEFAULTS, GaLoreConfig, validate_galore_options
-from .inner import InnerUpdate
+from .config import GROUP_DEFAULTS, OTHERS, GaLoreConfig, validate_galore_options
+from .inner import FROZEN, MIN_8BIT_SIZE, InnerUpdate, inner_rule, rule_defaults, rule_family
 from .layerwise import LayerwiseHooks, accelerate_sync_gradients
 from .log import warn_at_caller
 from .projector import (
@@ -71,10 +72,25 @@ class RefreshStats:
         return self.overlap_sum / self.overlap_count if self.overlap_count else None
 
 
+PLAIN_RULES = tuple(form for form in OTHERS if form != "same")  # what a plain group's `inner` key may name
+
+
+def plain_group_options(others: str, own: InnerUpdate) -> dict[str, Any]:
+    """The keys that give a plain group the rule `others` names (`GaLoreConfig.others`) in an optimizer whose own
+    rule is `own`: none for its own rule; the rule's name, plus its default hyper-parameters when it reads other
+    ones than `own` (Adam's betas and eps vs Adafactor's)."""
+    if others in ("same", own.form):
+        return {}
+    if others == FROZEN or rule_family(others) == rule_family(own.form):
+        return {"inner": others}
+    return {"inner": others, **rule_defaults(others)}
+
+
 def split_galore_groups(
-    params: Iterable[Any], galore_params: Iterable[Tensor], config: GaLoreConfig
+    params: Iterable[Any], galore_params: Iterable[Tensor], config: GaLoreConfig, own: InnerUpdate
 ) -> list[dict[str, Any]]:
-    """Split each param group in two: its `galore_params` with `config`'s keys, and the rest as they were.
+    """Split each param group in two: its `galore_params` with `config`'s keys, and the rest as they were, with the
+    rule `config.others` names for them.
 
     This keeps whatever grouping the caller made (the Trainer's weight-decay split, say) and adds GaLore to it.
     """
@@ -96,7 +112,7 @@ def split_galore_groups(
         found.update(id(p) for p in galore)
         rest = [p for p in members if id(p) not in chosen]
         if rest:
-            split.append({**group, "params": rest})
+            split.append({**group, "params": rest, **plain_group_options(config.others, own)})
         if galore:
             split.append({**group, "params": galore, **config.group_options()})
     if len(found) != len(chosen):
@@ -116,6 +132,10 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
     boundary), and frees the gradient, so at most one full gradient is alive at a time; `remove_hooks()` ends
     that (the Trainer integration does it when training ends). `param_names` (tensor -> name) lets warnings and
     errors name the parameter.
+
+    Plain groups (no `rank`) may name another rule in their `inner` key (`adamw`, `adamw8bit`, `adafactor`, or
+    `frozen`: requires_grad is turned off and nothing is kept); `GaLoreConfig.others` sets it for every parameter
+    outside `galore_params`.
 
     A parameter whose gradient holds NaN or inf is not updated at all (weights, moments, step count and refresh
     schedule untouched); one warning names it and `pop_skipped_updates()` reports it.
@@ -139,6 +159,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "completes the accumulated gradient (default: accelerate's GradientState().sync_gradients)."
             )
         self.inner = inner
+        self._rules: dict[str, InnerUpdate] = {inner.form: inner}
         self._refresh_stats = RefreshStats()
         self._skipped: list[str] = []  # since the last pop_skipped_updates()
         self._skipped_this_step: list[str] = []  # for the step's one warning
@@ -151,7 +172,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
         if galore_params is not None:
-            params = split_galore_groups(params, galore_params, as_galore_config(galore_config))
+            params = split_galore_groups(params, galore_params, as_galore_config(galore_config), inner)
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         self._names: dict[tuple[int, int], str] = {}
@@ -164,6 +185,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             for i, p in enumerate(group["params"])
             if id(p) in by_id
         }
+        self._log_frozen()
         self._release_from_earlier_hooks()
         if layerwise:
             self.register_hooks()
@@ -203,6 +225,16 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     # ---- groups -----------------------------------------------------------------------------------------------
 
+    def rule_for(self, group: dict[str, Any]) -> InnerUpdate:
+        """The update rule of `group`: the optimizer's own, or the one its `inner` key names (not `frozen`)."""
+        form = group.get("inner")
+        if form is None:
+            return self.inner
+        if form not in self._rules:
+            min_8bit_size = getattr(self.inner, "min_8bit_size", MIN_8BIT_SIZE)
+            self._rules[form] = inner_rule(form, min_8bit_size=min_8bit_size, adafactor_beta1=None)
+        return self._rules[form]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
@@ -218,7 +250,9 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         weight_decay = group["weight_decay"]
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid {weight_decay=}. Must be >= 0.0.")
-        self.inner.validate_group(group)
+        if not self._validate_inner_key(group):
+            return
+        self.rule_for(group).validate_group(group)
         if not is_galore_group(group):
             return
         for key, default in GROUP_DEFAULTS.items():
@@ -239,6 +273,42 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "their rank is clipped to min(m, n)."
             )
 
+    def _log_frozen(self) -> None:
+        frozen = [p for group in self.param_groups if group.get("inner") == FROZEN for p in group["params"]]
+        if frozen:
+            names = ", ".join(self.param_name(p) for p in frozen[:8])
+            more = f" and {len(frozen) - 8} more" if len(frozen) > 8 else ""
+            logger.info(
+                "others=frozen: %d tensors (%s weights) set to requires_grad=False, not trained: %s%s",
+                len(frozen),
+                f"{sum(p.numel() for p in frozen):,}",
+                names,
+                more,
+            )
+
+    def _validate_inner_key(self, group: dict[str, Any]) -> bool:
+        """Check a group's `inner` key; freeze a `frozen` group's parameters. Whether the group is trained."""
+        form = group.get("inner")
+        if form is None:
+            return True
+        if form not in PLAIN_RULES:
+            raise ValueError(f"Invalid param group inner={form!r}. Must be one of {', '.join(PLAIN_RULES)}.")
+        if is_galore_group(group):
+            raise ValueError(
+                f"Invalid inner={form!r} in a GaLore group (one with rank): GaLore groups run the optimizer's own "
+                "rule; `inner` is for plain groups (GaLoreConfig.others)."
+            )
+        if form == FROZEN:
+            for param in group["params"]:
+                param.requires_grad_(False)
+            return False
+        if rule_family(form) == "adamw" and group["lr"] is None:
+            raise ValueError(
+                f"Invalid lr=None for inner={form!r}: Adam needs a learning rate. Pass lr (GaLoreAdafactor with "
+                "relative_step=True has none), or others=adafactor."
+            )
+        return True
+
     # ---- the step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -252,6 +322,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             self.last_grad_norm = float(global_sum(squares, self._norm_shard).sqrt())
             self._layerwise_sq_norm = 0.0
         for group in self.param_groups:
+            if group.get("inner") == FROZEN:
+                continue
             for param in group["params"]:
                 if param.grad is not None:
                     self._update_parameter(param, group)
@@ -292,10 +364,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             grad = project(full_grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1
         state[STEP] = step
-        lr = self.inner.learning_rate(group, step, weight, shard=shard)
-        delta = self.inner.update(grad, moments, group, step, lr, shard=shard)
+        rule = self.rule_for(group)
+        lr = rule.learning_rate(group, step, weight, shard=shard)
+        delta = rule.update(grad, moments, group, step, lr, shard=shard)
         if shard is not None:
-            self._keep_sharded(param, state, moments)
+            self._keep_sharded(param, state, moments, rule)
         if group["weight_decay"] != 0:
             weight.mul_(1.0 - lr * group["weight_decay"])
         if not galore:
@@ -326,12 +399,13 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             total = global_sum(total, shard)
         return bool(torch.isfinite(total))
 
-    def _keep_sharded(self, param: Tensor, state: dict[str, Any], moments: dict[str, Any]) -> None:
+    @staticmethod
+    def _keep_sharded(param: Tensor, state: dict[str, Any], moments: dict[str, Any], rule: InnerUpdate) -> None:
         """Store moments the rule just created: per-row ones as DTensors sharded like `param` (so distributed
         checkpoints save every rank's rows), replicated ones as they are."""
         for key in moments.keys() - state.keys():
             value = moments[key]
-            state[key] = shard_like(value, param) if key in self.inner.row_wise_state else value
+            state[key] = shard_like(value, param) if key in rule.row_wise_state else value
 
     def _skip(self, param: Tensor) -> None:
         self._skipped.append(self.param_name(param))

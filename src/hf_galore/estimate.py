@@ -205,6 +205,14 @@ class _Run:
             if p.requires_grad and p.numel()
         )
 
+    @property
+    def others(self) -> str:
+        return "same" if self.galore_config is None else self.galore_config.others
+
+    def _trains(self, kind: TensorKind) -> bool:
+        """Whether the planned optimizer trains (computes a gradient for) this kind: all but frozen non-targets."""
+        return kind.target or not (self.galore and self.others == "frozen")
+
     def _nbytes(self, kind: TensorKind) -> int:
         """A tensor's bytes in this process: all of it, or the largest rank's rows under FSDP2."""
         return kind.nbytes if self.fsdp is None else kind.local_nbytes(self.fsdp)
@@ -233,11 +241,11 @@ class _Run:
 
     @property
     def gradients_full(self) -> int:
-        return sum(self._nbytes(t) * count for t, count in self.tensors.items())
+        return sum(self._nbytes(t) * count for t, count in self.tensors.items() if self._trains(t))
 
     @property
     def gradients_layerwise(self) -> int:
-        return max((self._nbytes(t) for t in self.tensors), default=0)
+        return max((self._nbytes(t) for t in self.tensors if self._trains(t)), default=0)
 
     @cached_property
     def fsdp_buffers(self) -> int:
@@ -264,7 +272,13 @@ class _Run:
         rank = self.rank if rank is None else rank
         proj_type = "std" if self.galore_config is None else self.galore_config.proj_type
         return state_bytes(
-            self.tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=self.min_8bit_size, world=self.fsdp
+            self.tensors,
+            optim,
+            rank=rank,
+            proj_type=proj_type,
+            min_8bit_size=self.min_8bit_size,
+            world=self.fsdp,
+            others=self.others,
         )
 
     def workspace(self, rank: int | None = None) -> int:

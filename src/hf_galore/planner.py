@@ -90,24 +90,36 @@ def state_bytes(
     proj_type: str,
     min_8bit_size: int,
     world: int | None = None,
+    others: str = "same",
 ) -> int:
     """Bytes optimizer `optim` allocates for these trainable tensors (what `optimizer_state_bytes` measures); with
-    `world`, on the largest rank of FSDP2 over `world` processes (module docstring)."""
+    `world`, on the largest rank of FSDP2 over `world` processes (module docstring). A GaLore optimizer trains the
+    tensors that are not targets with the rule `others` names (`GaLoreConfig.others`; frozen: none)."""
     if world is not None:
         return _sharded_state_bytes(
-            tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=min_8bit_size, world=world
+            tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=min_8bit_size, world=world, others=others
         )
     if optim in GALORE_OPTIMIZERS:
         rule = inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size)
+        other_rule = _others_rule(optim, others, min_8bit_size)
         return sum(
             count * expected_state_bytes(tensor.shape, form=rule, dtype=tensor.dtype, rank=rank, proj_type=proj_type)
             if tensor.target
-            else count * rule.state_bytes(tensor.shape, tensor.dtype)
+            else count * (0 if other_rule is None else other_rule.state_bytes(tensor.shape, tensor.dtype))
             for tensor, count in tensors.items()
         )
     rule, extra = _plain_rule(optim)
     total = sum(count * (rule.state_bytes(t.shape, t.dtype) + extra) for t, count in tensors.items())
     return total + _qmap_bytes(tensors, optim)
+
+
+def _others_rule(optim: str, others: str, min_8bit_size: int) -> Any:
+    """The rule a GaLore optimizer runs on the tensors that are not targets (None: frozen), as the optimizer picks
+    it (`GaLoreOptimizer.rule_for`)."""
+    if others == "frozen":
+        return None
+    form = GALORE_OPTIMIZERS[optim].form if others == "same" else others
+    return inner_rule(form, min_8bit_size=min_8bit_size)
 
 
 def _plain_rule(optim: str) -> tuple[Any, int]:
@@ -126,7 +138,14 @@ def _qmap_bytes(tensors: Mapping[TensorKind, int], optim: str) -> int:
 
 
 def _sharded_state_bytes(
-    tensors: Mapping[TensorKind, int], optim: str, *, rank: int | None, proj_type: str, min_8bit_size: int, world: int
+    tensors: Mapping[TensorKind, int],
+    optim: str,
+    *,
+    rank: int | None,
+    proj_type: str,
+    min_8bit_size: int,
+    world: int,
+    others: str = "same",
 ) -> int:
     """`state_bytes` on the largest rank: each rule's state for the rank's ⌈m/W⌉ rows (8-bit or not by the whole
     tensor's size, as `init_state` decides with a shard), GaLore targets projected from the right with their r×n
@@ -145,6 +164,9 @@ def _sharded_state_bytes(
                 raise ValueError(f"the {tensor.shape[0]}x{tensor.shape[1]} targets: {err}") from None
             r = effective_rank(tensor.shape, rank)
             inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + r * tensor.shape[1] * tensor.dtype.itemsize
+        elif galore:
+            other_rule = _others_rule(optim, others, min_8bit_size)
+            inner = 0 if other_rule is None else other_rule.state_bytes(local, tensor.dtype, shard)
         else:
             inner = rule.state_bytes(local, tensor.dtype, shard) + extra
         total += count * inner

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .inner import FROZEN
 from .projector import effective_rank, projected_shape, projection_sides
 from .sharding import (
     any_rank,
@@ -50,17 +51,17 @@ class Resumable:
         records over how many row shards they were computed; `load_state_dict` converts them back.
         """
         state_dict = super().state_dict()
-        blockwise = getattr(self.inner, "block_wise_state", {})
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, param in enumerate(params):
+        params = [(p, self._rule_of(group)) for group in self.param_groups for p in group["params"]]
+        for index, (param, rule) in enumerate(params):
             state = state_dict["state"].get(index)
+            blockwise = getattr(rule, "block_wise_state", {})
             if not blockwise or not state or not blockwise.keys() & state.keys():
                 continue
             state = state_dict["state"][index] = dict(state)  # the live state stays as it is
             for key, moment_key in blockwise.items():
                 moment = local_tensor(state[moment_key])
                 rows, cols = (moment.shape[0], math.prod(moment.shape[1:])) if moment.dim() else (1, 1)
-                table = blocks_by_row(local_tensor(state[key]), rows, cols, self.inner.blocksize)
+                table = blocks_by_row(local_tensor(state[key]), rows, cols, rule.blocksize)
                 state[key] = shard_like(table, param)
             state[QUANTIZED_SHARDS] = world_size(row_shard(param))
         return state_dict
@@ -104,14 +105,14 @@ class Resumable:
         dequantized with the constants they were saved with and quantized again in this rank's blocks (no
         collective: each value's old constant is in its row of the table).
         """
-        blockwise = getattr(self.inner, "block_wise_state", {})
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [(p, self._rule_of(group)) for group in self.param_groups for p in group["params"]]
         if len(saved_ids) != len(params):
             return state_dict  # other parameters: `_check_resumable` says what changed
         unpacked = dict(state_dict["state"])
-        for param_id, param in zip(saved_ids, params):
+        for param_id, (param, rule) in zip(saved_ids, params):
             state = unpacked.get(param_id, {})
+            blockwise = getattr(rule, "block_wise_state", {})
             if QUANTIZED_SHARDS not in state:
                 continue  # not 8-bit, or saved before block constants were saved by row (per-block already)
             saved_shards, shards = int(state[QUANTIZED_SHARDS]), world_size(row_shard(param))
@@ -124,14 +125,14 @@ class Resumable:
                 if table.dim() != 2 or table.shape[0] != (moment.shape[0] if moment.dim() else 1):
                     continue  # not what `state_dict()` saves: `_check_resumable` names the mismatch
                 if saved_shards == shards:
-                    state[key] = blocks_from_rows(table, cols, self.inner.blocksize)
+                    state[key] = blocks_from_rows(table, cols, rule.blocksize)
                     continue
                 shard = row_shard(param)
                 global_rows = state[moment_key].shape[0] if moment.dim() else 1
                 scales = block_scales_by_value(
-                    table, shard.offset if shard else 0, global_rows, saved_shards, cols, self.inner.blocksize
+                    table, shard.offset if shard else 0, global_rows, saved_shards, cols, rule.blocksize
                 )
-                codes, state[key] = self.inner.requantize(moment_key, moment.reshape(scales.shape), scales)
+                codes, state[key] = rule.requantize(moment_key, moment.reshape(scales.shape), scales)
                 state[moment_key] = shard_like(codes.reshape(moment.shape), param)
             if saved_shards != shards:
                 logger.info(
@@ -238,10 +239,11 @@ class Resumable:
         if not self._layout_matches(param, group, saved):
             raise ValueError(
                 f"Cannot resume {self.param_name(param)}: the checkpoint holds {describe(found) or 'no moments'}, "
-                f"while {type(self).__name__} with these settings keeps {describe(expected)}. It was saved with a "
-                f"different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), min_8bit_size, "
-                f"beta1 or projection side (FSDP2 projects sharded weights from the right: continue such a run "
-                f"unsharded with proj_type='right'). Resume with the checkpoint's settings, {fresh}."
+                f"while {type(self).__name__} with these settings keeps {describe(expected) or 'no state'}. It was "
+                f"saved with a different --optim (e.g. galore_adamw vs galore_adamw_8bit or galore_adafactor), "
+                f"others, min_8bit_size, beta1 or projection side (FSDP2 projects sharded weights from the right: "
+                f"continue such a run unsharded with proj_type='right'). Resume with the checkpoint's settings, "
+                f"{fresh}."
             )
 
     def state_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
@@ -257,8 +259,11 @@ class Resumable:
             shape = projected_shape(shape, group["rank"], proj_type)
         local_shape = shape if shard is None else (local_tensor(param).shape[0], *shape[1:])
         layout: dict[str, Tensor] = {}
-        self.inner.init_state(torch.empty(local_shape, dtype=param.dtype, device="meta"), layout, group, shard)
-        for key in layout.keys() & self.inner.row_wise_state if shard is not None else ():
+        rule = self._rule_of(group)
+        if rule is None:  # a frozen group keeps nothing
+            return layout
+        rule.init_state(torch.empty(local_shape, dtype=param.dtype, device="meta"), layout, group, shard)
+        for key in layout.keys() & rule.row_wise_state if shard is not None else ():
             layout[key] = torch.empty((shape[0], *layout[key].shape[1:]), dtype=layout[key].dtype, device="meta")
         if is_galore_group(group):
             left, right = projection_sides(tuple(param.shape), proj_type)
@@ -268,6 +273,10 @@ class Resumable:
             if right:
                 layout[RIGHT_BASIS] = torch.empty(r, param.shape[1], dtype=param.dtype, device="meta")
         return layout
+
+    def _rule_of(self, group: dict[str, Any]) -> Any:
+        """The group's update rule, None for a frozen group."""
+        return None if group.get("inner") == FROZEN else self.rule_for(group)
 
     def _apply_settings_given_now(self, given_now: list[dict[str, Any]]) -> None:
         for index, (group, now) in enumerate(zip(self.param_groups, given_now)):

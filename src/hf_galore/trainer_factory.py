@@ -11,9 +11,10 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config import parse_optim_args, split_optim_args
-from .inner import MIN_8BIT_SIZE, InnerForm
+from .config import GaLoreConfig, parse_optim_args, split_optim_args
+from .inner import MIN_8BIT_SIZE, InnerForm, inner_rule
 from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .report import human_bytes
 from .targets import select_targets
 
 if TYPE_CHECKING:
@@ -64,9 +65,15 @@ def fsdp_version(args: TrainingArguments) -> int | None:
     return 1 if "FSDP" in str(state.get("distributed_type") or "") else None
 
 
-def check_supported(args: TrainingArguments, name: str, layerwise: bool) -> None:
+def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
     """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
     version = fsdp_version(args)
+    if others == "frozen" and version is not None:
+        raise NotImplementedError(
+            f"--optim {name} with others=frozen cannot run under FSDP: the optimizer is built after the model is "
+            "sharded, too late to turn requires_grad off. Freeze the parameters in the model before training "
+            "(`param.requires_grad_(False)`), or pick others=adafactor, which keeps a few KiB per table."
+        )
     if version is not None and version != 2:
         raise NotImplementedError(
             f"--optim {name} cannot run on FSDP version {version}: FSDP1 hands the optimizer flat parameters (many "
@@ -103,15 +110,38 @@ def check_supported(args: TrainingArguments, name: str, layerwise: bool) -> None
         )
 
 
+def log_others(model: Any, target_ids: set[int], config: GaLoreConfig, form: InnerForm, min_8bit_size: int) -> None:
+    """Log how the trainable parameters that are not targets are trained and the state they will hold."""
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    if not others:
+        return
+    rule_name = form if config.others == "same" else config.others
+    adamw = sum(2 * p.numel() * p.element_size() for p in others)
+    if rule_name == "frozen":
+        held = 0
+    else:
+        rule = inner_rule(rule_name, min_8bit_size=min_8bit_size)
+        held = sum(rule.state_bytes(tuple(p.shape), p.dtype) for p in others)
+    logger.info(
+        "Other parameters (not targets): %d tensors, %s weights, others=%s (%s): state %s vs full-rank AdamW %s.",
+        len(others),
+        f"{sum(p.numel() for p in others):,}",
+        config.others,
+        "frozen: requires_grad turned off" if rule_name == "frozen" else rule_name,
+        human_bytes(held),
+        human_bytes(adamw),
+    )
+
+
 def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any]]:
     """transformers optimizer handler for the six `galore_*` names (see `_OPTIMIZER_HANDLERS`)."""
     args, name = ctx.args, optim_name(ctx.args)
     optimizer_cls, form, layerwise = GALORE_OPTIMIZERS[name]
-    check_supported(args, name, layerwise)
     if ctx.model is None:
         raise ValueError(f"--optim {name} needs the model to choose its target modules; pass `model` to Trainer.")
     # The raw string, parsed strictly: transformers' ctx.optim_args silently keeps the last of a repeated key.
     config, extra = parse_optim_args(split_optim_args(args.optim_args), extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
+    check_supported(args, name, layerwise, config.others)
     targets = select_targets(
         ctx.model,
         args.optim_target_modules,
@@ -127,6 +157,7 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
         kwargs.update(scale_parameter=False, relative_step=False)
     else:
         kwargs.update(ctx.adam_kwargs)
+    log_others(ctx.model, {id(t.param) for t in targets}, config, form, extra.get("min_8bit_size", MIN_8BIT_SIZE))
     kwargs.update(galore_params=[t.param for t in targets], galore_config=config, layerwise=layerwise)
     kwargs["param_names"] = {param: name for name, param in ctx.model.named_parameters()}
     return optimizer_cls, kwargs

@@ -33,6 +33,8 @@ class AdafactorUpdate:
     itself reads `group["beta1"]`, per group). Left None, as the optimizer leaves it, `state_bytes` refuses to guess.
     """
 
+    form = "adafactor"  # the name `inner_rule` builds it by
+
     # Per-row state, sharded with a row-sharded parameter; the column statistic is the same on every rank.
     row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_ROW})
 

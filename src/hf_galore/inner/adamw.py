@@ -42,6 +42,8 @@ def adam_direction(
 class AdamWUpdate:
     """Adam on full-precision moments; with weight decay in the core it is exactly torch.optim.AdamW."""
 
+    form = "adamw"  # the name `inner_rule` builds it by
+
     row_wise_state = frozenset({EXP_AVG, EXP_AVG_SQ})  # element-wise moments: sharded with the parameter's rows
 
     def validate_group(self, group: dict[str, Any]) -> None:

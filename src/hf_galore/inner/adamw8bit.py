@@ -43,6 +43,8 @@ class AdamW8bitUpdate:
     projected shape with weight decay off (the core applies decoupled decay to the full weight).
     """
 
+    form = "adamw8bit"  # the name `inner_rule` builds it by
+
     # The 8-bit moments have the gradient's shape and shard with its rows; the block constants are per rank (blocks
     # of the local rows): checkpoints save them by row (see `hf_galore.sharding.blocks_by_row`); loaded over another
     # split of the rows, the moments are requantized in the new blocks (`requantize`).

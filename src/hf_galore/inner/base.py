@@ -19,6 +19,9 @@ class InnerUpdate(Protocol):
     owns only its moment state, which has the gradient's (projected) shape, and knows how many bytes it holds.
     """
 
+    form: InnerForm
+    """The rule's name, as `hf_galore.inner.inner_rule` builds it."""
+
     row_wise_state: frozenset[str]
     """State keys laid out along the gradient's rows: under FSDP2 they are kept sharded like the parameter.
 
