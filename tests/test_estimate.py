@@ -490,3 +490,13 @@ def test_fsdp_refusals():
     message = r"the 64x64 targets: Invalid proj_type='left' for a weight row-sharded by FSDP2"
     with pytest.raises(SystemExit, match=message):
         main(["estimate", *flags, "--fsdp", "2"])
+
+
+def test_others_frozen_plans_gradients_for_the_targets_only(capsys):
+    flags = [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn,mlp"]
+    same = run_cli(capsys, *flags, "--optim_args", "rank=8")
+    frozen = run_cli(capsys, *flags, "--optim_args", "rank=8,others=frozen")
+    model = AutoModelForCausalLM.from_config(preset_config("llama-tiny"))
+    targets = {id(t.param) for t in hf_galore.select_targets(model, "attn,mlp")}
+    target_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in targets)
+    assert frozen["gradients_full"] == target_bytes < same["gradients_full"]
