@@ -130,7 +130,7 @@ def _offline(monkeypatch):
 def test_run_glue_trains_and_evaluates(case, tiny_roberta, csv_files, tmp_path):
     results = run(tiny_roberta, csv_files, tmp_path, *CASES[case])
 
-    assert results["train_examples"] == 48 and results["validation_examples"] == 16
+    assert results["train_examples"] == 48 and results["eval_examples"] == 16 and results["eval_split"] == "validation"
     assert 0.0 <= results["score"] <= 1.0 and results["optimizer_state_mb"] > 0
     assert results["peak_memory_mb"] > 0 and results["train_seconds"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["score"] == results["score"]
