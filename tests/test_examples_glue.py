@@ -430,8 +430,8 @@ def test_sweep_spaces_hold_the_budget_and_draws_are_distinct():
     with pytest.raises(ValueError, match="has only 12 configurations"):
         sweep.draw(sweep.SPACES["full"], 13, seed=0)
     config = {"learning_rate": 1e-3, "scale": 2, "rank": 4, "update_proj_gap": 50, "residual": "fira"}
-    assert "--freeze_embeddings" in sweep.method_flags("galore", {**config, "others": "frozen"})
-    adafactor = sweep.method_flags("galore", {**config, "others": "adafactor"})
+    assert "--freeze_embeddings" in sweep.method_flags("galore", {**config, "non_targets": "freeze_embeddings"})
+    adafactor = sweep.method_flags("galore", {**config, "non_targets": "adafactor"})
     assert "--freeze_embeddings" not in adafactor and adafactor[5].endswith("residual=fira,others=adafactor")
 
 

@@ -60,7 +60,10 @@ def describe(result: dict[str, Any]) -> str:
             "+ classifier head"
         )
     if result["method"] == "galore":
-        return f"GaLore ({result['optim_args']}) on {result['optim_target_modules']}; other parameters AdamW{frozen}"
+        others = dict(item.split("=", 1) for item in (result["optim_args"] or "").split(",") if "=" in item)
+        own = "8-bit AdamW" if "8bit" in result["optim"] else "AdamW"
+        rule = {"same": own}.get(others.get("others", "same"), others.get("others"))
+        return f"GaLore ({result['optim_args']}) on {result['optim_target_modules']}; other parameters {rule}{frozen}"
     return f"all parameters, {result['optim']}{frozen}"
 
 
