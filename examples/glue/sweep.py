@@ -75,6 +75,21 @@ def method_flags(method: str, config: dict[str, Any]) -> list[str]:
     raise ValueError(f"Invalid method {method!r}. Choose from {', '.join(SPACES)}.")
 
 
+def load_spaces(path: Path | None) -> dict[str, dict[str, list]]:
+    """SPACES, with the methods a `--spaces` file names replaced by its spaces (same keys, other values)."""
+    if path is None:
+        return SPACES
+    given = json.loads(path.read_text())
+    for method, space in given.items():
+        if method not in SPACES:
+            raise ValueError(f"Invalid method {method!r} in {path}. Choose from {', '.join(SPACES)}.")
+        if set(space) != set(SPACES[method]):
+            raise ValueError(
+                f"Invalid space for {method} in {path}: keys {sorted(space)}, expected {sorted(SPACES[method])}."
+            )
+    return {**SPACES, **given}
+
+
 def draw(space: dict[str, list], budget: int, seed: int) -> list[dict[str, Any]]:
     """`budget` distinct configurations of `space`, drawn at random (seeded) without replacement."""
     keys = list(space)
@@ -145,6 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--search_seed", type=int, default=0, help="seed of the random draw of configurations")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (for a GPU machine)")
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/glue_sweep"), help="runs and outputs")
+    parser.add_argument(
+        "--spaces",
+        type=Path,
+        default=None,
+        help="JSON {method: {key: [values]}} replacing SPACES for those methods (a second, finer stage); the keys "
+        "must be SPACES' keys",
+    )
     parser.add_argument("--quick", action="store_true", help=f"budget {QUICK_BUDGET} and {shlex.join(QUICK_FLAGS)}")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -161,8 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = args.budget or (QUICK_BUDGET if args.quick else BUDGET)
     extra = [*QUICK_FLAGS, *extra] if args.quick else extra
     try:
+        spaces = load_spaces(args.spaces)
         seeds = parse_seeds(args.sweep_seeds)
-        configs = {method: draw(SPACES[method], budget, args.search_seed) for method in methods}
+        configs = {method: draw(spaces[method], budget, args.search_seed) for method in methods}
     except ValueError as error:
         parser.error(str(error))
 
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "budget": budget,
         "sweep_seeds": seeds,
         "search_seed": args.search_seed,
-        "spaces": {method: SPACES[method] for method in methods},
+        "spaces": {method: spaces[method] for method in methods},
         "run_glue_flags": extra,
         "methods": results,
         "recipe": recipe,
