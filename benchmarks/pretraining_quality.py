@@ -15,10 +15,10 @@ blocks (the same for every run) every `eval_every` steps of the setup below; per
 Methods (`METHODS`): AdamW (full rank); GaLoreAdamW and GaLoreAdamW8bit on the attention + MLP matrices at rank
 hidden/4, alpha 0.25 (the paper's pre-training recipe), exact and randomized refresh, and with the full-rank residual
 (`residual="fira"`, otherwise the same recipe); LoRA (peft) on the same matrices, its rank chosen so its optimizer
-state matches GaLore's. `--methods "AdamW,GaLore + Fira"` runs a subset. Every other tensor (embeddings, norms, LM head) is trained
-with plain AdamW by every method, so only the treatment of the attention/MLP matrices differs. Optimizer state is
-`hf_galore.optimizer_state_bytes` after the first step (GaLore's bases included). Prints a table, writes JSON
-(default benchmarks/results/pretraining_quality.json) and a PNG of eval loss vs step.
+state matches GaLore's. `--methods "AdamW,GaLore + Fira"` runs a subset. Every other tensor (embeddings, norms, LM
+head) is trained with plain AdamW by every method, so only the treatment of the attention/MLP matrices differs.
+Optimizer state is `hf_galore.optimizer_state_bytes` after the first step (GaLore's bases included). Prints a
+table, writes JSON (default benchmarks/results/pretraining_quality.json) and a PNG of eval loss vs step.
 """
 
 from __future__ import annotations
