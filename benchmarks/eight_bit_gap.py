@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import sys
 import time
 import warnings
 from datetime import date
@@ -74,6 +75,7 @@ def load_glue_helpers():
     """examples/glue/run_glue.py (its offline data split and model location), loaded by path."""
     spec = importlib.util.spec_from_file_location("run_glue", GLUE_SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
