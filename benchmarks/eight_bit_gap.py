@@ -212,7 +212,7 @@ def run(quick: bool) -> dict:
 
     # Per tensor and variant: squared error, squared update, dot of the two updates, squared variant update.
     records = []  # (kind, variant, sums)
-    for (name, param), start, index in zip(named, initial, range(len(params))):
+    for index, ((name, param), start) in enumerate(zip(named, initial)):
         update = (param.detach() - start).double()
         for variant in VARIANTS:
             variant_update = (copies[variant][index].detach() - start).double()
@@ -232,7 +232,7 @@ def run(quick: bool) -> dict:
         return {"rel_error": math.sqrt(err2 / upd2), "max_rel_error": worst, "cosine": dot / math.sqrt(var2 * upd2)}
 
     kinds: dict[str, dict] = {}
-    for (name, param), index in zip(named, range(len(params))):
+    for index, (name, param) in enumerate(named):
         row = kinds.setdefault(
             kind(name, param, target_names), {"tensors": 0, "params": 0, "bits": {}, "shapes": set()}
         )
