@@ -43,8 +43,9 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 10, generator=gen), torch.randn(8, 12, generator=gen)) for _ in range(STEPS)]
 
 
-def _optimizer(model, form: str, config: GaLoreConfig):
-    targets = [p for p in model.parameters() if p.dim() == 2]
+def _optimizer(model, form: str, config: GaLoreConfig, targets: int | None = None):
+    """GaLore on the first `targets` weights (all of them by default); the rest by the rule `config.others` names."""
+    targets = [p for p in model.parameters() if p.dim() == 2][:targets]
     names = {p: n for n, p in model.named_parameters()}
     return FORMS[form][0](model.parameters(), galore_params=targets, galore_config=config, param_names=names)
 
@@ -61,9 +62,9 @@ def _state_bytes(optimizer) -> dict[str, int]:
     return kinds
 
 
-def _sharded_run(rank: int, form: str, config: GaLoreConfig) -> dict:
+def _sharded_run(rank: int, form: str, config: GaLoreConfig, targets: int | None = None) -> dict:
     model = shard_linears(_model())
-    optimizer = _optimizer(model, form, config)
+    optimizer = _optimizer(model, form, config, targets)
     traffic = []
     for x, y in _batches():
         optimizer.zero_grad()
@@ -75,9 +76,9 @@ def _sharded_run(rank: int, form: str, config: GaLoreConfig) -> dict:
     return {"weights": weights, "state_bytes": _state_bytes(optimizer), "traffic": traffic}
 
 
-def _single_run(form: str, config: GaLoreConfig):
+def _single_run(form: str, config: GaLoreConfig, targets: int | None = None):
     model = _model()
-    optimizer = _optimizer(model, form, config)
+    optimizer = _optimizer(model, form, config, targets)
     for x, y in _batches():
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -106,6 +107,18 @@ def test_sharded_training_equals_one_process_with_half_the_state_per_rank(tmp_pa
     else:  # 8-bit block constants: each rank quantises its own rows, so a block may split in two: at most one more
         # constant (4 bytes) per moment, per 8-bit tensor (3 projected weights, the 24-entry bias), per extra rank
         assert single["other"] <= sum(others) <= single["other"] + 4 * 2 * 4 * (WORLD - 1)
+
+
+@pytest.mark.parametrize("form,others", [("adamw8bit", "adafactor"), ("adafactor", "adamw")])
+def test_non_targets_with_another_rule_train_sharded_as_in_one_process(tmp_path, form, others):
+    """`others=`: the sharded non-target weights (24x10 is the one target) follow one process's run."""
+    config = GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, proj_type="right", others=others)
+    results = run_on_ranks(tmp_path, _sharded_run, form, config, 1)
+    model, _ = _single_run(form, config, 1)
+    for result in results:
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(result["weights"][name], param.detach(), atol=FORMS[form][1], rtol=0)
+    assert not torch.equal(model[2].weight, _model()[2].weight)  # the non-target weights trained
 
 
 def test_default_settings_run_sharded_and_steps_between_refreshes_move_nothing(tmp_path):
