@@ -18,6 +18,7 @@ from transformers.optimization import Adafactor
 
 import hf_galore
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
+from hf_galore.callback import memory_figures
 from hf_galore.trainer_factory import check_supported
 
 EMBED = (300, 16)  # 4,800 entries: on bitsandbytes' 8-bit path (>= 4096)
@@ -135,6 +136,8 @@ def test_state_bytes_of_the_non_targets_equal_the_analytic_count(others):
     assert (table.requires_grad, bias.requires_grad, weight.requires_grad) == (others != "frozen",) * 2 + (True,)
     if others == "frozen":
         assert torch.equal(table, _params()[0]) and torch.equal(bias, _params()[2])
+    trained = weight.numel() + (0 if others == "frozen" else table.numel() + bias.numel())
+    assert memory_figures(optimizer)["galore/adamw_equivalent_mb"] == 2 * 4 * trained / 2**20
 
 
 @pytest.mark.parametrize("others", ["adamw8bit", "adafactor", "frozen"])

@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from .core import GaLoreOptimizer, RefreshStats
+from .inner import FROZEN
 from .memory import optimizer_state_bytes, peak_memory_mb
 from .sharding import local_tensor
 
@@ -28,12 +29,13 @@ def _device(optimizer: torch.optim.Optimizer) -> torch.device:
 
 
 def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
-    """Optimizer-state MiB held, what AdamW would hold for the same parameters, the saving, and peak memory.
+    """Optimizer-state MiB held, what AdamW would hold for the same trained parameters (`others=frozen` ones are not
+    trained, so not counted), the saving, and peak memory.
 
     Per process: under FSDP2 each counts this rank's rows.
     """
     held = optimizer_state_bytes(optimizer)
-    params = [local_tensor(p) for g in optimizer.param_groups for p in g["params"]]
+    params = [local_tensor(p) for g in optimizer.param_groups if g.get("inner") != FROZEN for p in g["params"]]
     adamw = sum(2 * p.numel() * p.element_size() for p in params)
     return {
         "galore/optimizer_state_mb": held / MIB,
