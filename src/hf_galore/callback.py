@@ -9,9 +9,9 @@ import torch
 from transformers import TrainerCallback
 
 from .core import GaLoreOptimizer, RefreshStats
-from .inner import FROZEN
 from .memory import optimizer_state_bytes, peak_memory_mb
 from .sharding import local_tensor
+from .state_keys import is_frozen_group
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def memory_figures(optimizer: GaLoreOptimizer) -> dict[str, float]:
     Per process: under FSDP2 each counts this rank's rows.
     """
     held = optimizer_state_bytes(optimizer)
-    params = [local_tensor(p) for g in optimizer.param_groups if g.get("inner") != FROZEN for p in g["params"]]
+    params = [local_tensor(p) for g in optimizer.param_groups if not is_frozen_group(g) for p in g["params"]]
     adamw = sum(2 * p.numel() * p.element_size() for p in params)
     return {
         "galore/optimizer_state_mb": held / MIB,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import GROUP_DEFAULTS, OTHERS, GaLoreConfig, validate_galore_options
-from .inner import FROZEN, MIN_8BIT_SIZE, InnerUpdate, inner_rule, rule_defaults, rule_family
+from .inner import MIN_8BIT_SIZE, InnerUpdate, inner_rule, rule_defaults, rule_family
 from .layerwise import LayerwiseHooks, accelerate_sync_gradients
 from .log import warn_at_caller
 from .projector import (
@@ -43,6 +43,7 @@ from .sharding import (
 )
 from .state_keys import (  # noqa: F401  re-exported: the names tests and users import from here
     CHECKPOINT_GROUP_KEYS,
+    FROZEN,
     LAYOUT_KEYS,
     LEFT_BASIS,
     NEXT_REFRESH,
@@ -52,6 +53,7 @@ from .state_keys import (  # noqa: F401  re-exported: the names tests and users 
     RIGHT_BASIS,
     SCHEDULE_KEYS,
     STEP,
+    is_frozen_group,
     is_galore_group,
 )
 
@@ -274,7 +276,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             )
 
     def _log_frozen(self) -> None:
-        frozen = [p for group in self.param_groups if group.get("inner") == FROZEN for p in group["params"]]
+        frozen = [p for group in self.param_groups if is_frozen_group(group) for p in group["params"]]
         if frozen:
             names = ", ".join(self.param_name(p) for p in frozen[:8])
             more = f" and {len(frozen) - 8} more" if len(frozen) > 8 else ""
@@ -322,7 +324,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             self.last_grad_norm = float(global_sum(squares, self._norm_shard).sqrt())
             self._layerwise_sq_norm = 0.0
         for group in self.param_groups:
-            if group.get("inner") == FROZEN:
+            if is_frozen_group(group):
                 continue
             for param in group["params"]:
                 if param.grad is not None:

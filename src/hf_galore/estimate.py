@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig, parse_optim_args
-from .inner import MIN_8BIT_SIZE
+from .inner import FROZEN, MIN_8BIT_SIZE
 from .meta_model import (
     TASKS,
     build_meta_model,
@@ -211,7 +211,7 @@ class _Run:
 
     def _trains(self, kind: TensorKind) -> bool:
         """Whether the planned optimizer trains (computes a gradient for) this kind: all but frozen non-targets."""
-        return kind.target or not (self.galore and self.others == "frozen")
+        return kind.target or not (self.galore and self.others == FROZEN)
 
     def _nbytes(self, kind: TensorKind) -> int:
         """A tensor's bytes in this process: all of it, or the largest rank's rows under FSDP2."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig
-from .inner import MIN_8BIT_SIZE, inner_rule
+from .inner import MIN_8BIT_SIZE, inner_rule, others_rule
 from .memory import expected_state_bytes
 from .projector import effective_rank, resolve_proj_type
 from .sharding import RowShard
@@ -101,7 +101,7 @@ def state_bytes(
         )
     if optim in GALORE_OPTIMIZERS:
         rule = inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size)
-        other_rule = _others_rule(optim, others, min_8bit_size)
+        other_rule = others_rule(GALORE_OPTIMIZERS[optim].form, others, min_8bit_size=min_8bit_size)
         return sum(
             count * expected_state_bytes(tensor.shape, form=rule, dtype=tensor.dtype, rank=rank, proj_type=proj_type)
             if tensor.target
@@ -111,15 +111,6 @@ def state_bytes(
     rule, extra = _plain_rule(optim)
     total = sum(count * (rule.state_bytes(t.shape, t.dtype) + extra) for t, count in tensors.items())
     return total + _qmap_bytes(tensors, optim)
-
-
-def _others_rule(optim: str, others: str, min_8bit_size: int) -> Any:
-    """The rule a GaLore optimizer runs on the tensors that are not targets (None: frozen), as the optimizer picks
-    it (`GaLoreOptimizer.rule_for`)."""
-    if others == "frozen":
-        return None
-    form = GALORE_OPTIMIZERS[optim].form if others == "same" else others
-    return inner_rule(form, min_8bit_size=min_8bit_size)
 
 
 def _plain_rule(optim: str) -> tuple[Any, int]:
@@ -154,6 +145,7 @@ def _sharded_state_bytes(
     rule, extra = (
         (inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size), 0) if galore else _plain_rule(optim)
     )
+    other_rule = others_rule(GALORE_OPTIMIZERS[optim].form, others, min_8bit_size=min_8bit_size) if galore else None
     total = 0
     for tensor, count in tensors.items():
         local, shard = tensor.local_shape(world), RowShard(offset=0, global_rows=tensor.shape[0])
@@ -165,7 +157,6 @@ def _sharded_state_bytes(
             r = effective_rank(tensor.shape, rank)
             inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + r * tensor.shape[1] * tensor.dtype.itemsize
         elif galore:
-            other_rule = _others_rule(optim, others, min_8bit_size)
             inner = 0 if other_rule is None else other_rule.state_bytes(local, tensor.dtype, shard)
         else:
             inner = rule.state_bytes(local, tensor.dtype, shard) + extra

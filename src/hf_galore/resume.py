@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .inner import FROZEN
 from .projector import effective_rank, projected_shape, projection_sides
 from .sharding import (
     any_rank,
@@ -33,6 +32,7 @@ from .state_keys import (
     QUANTIZED_SHARDS,
     RIGHT_BASIS,
     SCHEDULE_KEYS,
+    is_frozen_group,
     is_galore_group,
 )
 
@@ -276,7 +276,7 @@ class Resumable:
 
     def _rule_of(self, group: dict[str, Any]) -> Any:
         """The group's update rule, None for a frozen group."""
-        return None if group.get("inner") == FROZEN else self.rule_for(group)
+        return None if is_frozen_group(group) else self.rule_for(group)
 
     def _apply_settings_given_now(self, given_now: list[dict[str, Any]]) -> None:
         for index, (group, now) in enumerate(zip(self.param_groups, given_now)):

@@ -20,5 +20,13 @@ CHECKPOINT_GROUP_KEYS = ("lr", "initial_lr")
 LAYOUT_KEYS = ("rank", "proj_type")
 
 
+FROZEN = "frozen"  # a plain group's `inner` value: its parameters are frozen (requires_grad=False), no state
+
+
 def is_galore_group(group: dict[str, Any]) -> bool:
     return group.get("rank") is not None
+
+
+def is_frozen_group(group: dict[str, Any]) -> bool:
+    """A plain group whose parameters `others=frozen` froze: not trained, no state."""
+    return group.get("inner") == FROZEN

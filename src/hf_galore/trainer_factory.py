@@ -12,7 +12,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config import GaLoreConfig, parse_optim_args, split_optim_args
-from .inner import MIN_8BIT_SIZE, InnerForm, inner_rule
+from .inner import FROZEN, MIN_8BIT_SIZE, InnerForm, others_rule
 from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .report import human_bytes
 from .targets import select_targets
@@ -68,7 +68,7 @@ def fsdp_version(args: TrainingArguments) -> int | None:
 def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
     """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
     version = fsdp_version(args)
-    if others == "frozen" and version is not None:
+    if others == FROZEN and version is not None:
         raise NotImplementedError(
             f"--optim {name} with others=frozen cannot run under FSDP: the optimizer is built after the model is "
             "sharded, too late to turn requires_grad off. Freeze the parameters in the model before training "
@@ -115,19 +115,15 @@ def log_others(model: Any, target_ids: set[int], config: GaLoreConfig, form: Inn
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
     if not others:
         return
-    rule_name = form if config.others == "same" else config.others
+    rule = others_rule(form, config.others, min_8bit_size=min_8bit_size)
     adamw = sum(2 * p.numel() * p.element_size() for p in others)
-    if rule_name == "frozen":
-        held = 0
-    else:
-        rule = inner_rule(rule_name, min_8bit_size=min_8bit_size)
-        held = sum(rule.state_bytes(tuple(p.shape), p.dtype) for p in others)
+    held = 0 if rule is None else sum(rule.state_bytes(tuple(p.shape), p.dtype) for p in others)
     logger.info(
         "Other parameters (not targets): %d tensors, %s weights, others=%s (%s): state %s vs full-rank AdamW %s.",
         len(others),
         f"{sum(p.numel() for p in others):,}",
         config.others,
-        "frozen: requires_grad turned off" if rule_name == "frozen" else rule_name,
+        "frozen: requires_grad turned off" if rule is None else rule.form,
         human_bytes(held),
         human_bytes(adamw),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..state_keys import FROZEN
 from .adafactor import AdafactorUpdate
 from .adamw import AdamWUpdate
 from .adamw8bit import MIN_8BIT_SIZE, AdamW8bitUpdate
@@ -18,10 +19,9 @@ __all__ = [
     "InnerForm",
     "InnerUpdate",
     "inner_rule",
+    "others_rule",
     "rule_defaults",
 ]
-
-FROZEN = "frozen"  # a plain group's `inner` value: its parameters are frozen (requires_grad=False), no state
 
 # The hyper-parameters a plain group needs when it runs a rule of another family than the optimizer's own: the
 # defaults of torch.optim.AdamW, and of transformers.optimization.Adafactor as the Trainer's `--optim adafactor`
@@ -59,3 +59,11 @@ def inner_rule(form: InnerForm, *, min_8bit_size: int = MIN_8BIT_SIZE, adafactor
     if form == "adafactor":
         return AdafactorUpdate(first_moment=adafactor_beta1)
     raise ValueError(f"Invalid {form=}. Must be one of adamw, adamw8bit, adafactor.")
+
+
+def others_rule(own: InnerForm, others: str, *, min_8bit_size: int = MIN_8BIT_SIZE) -> InnerUpdate | None:
+    """The rule an optimizer whose own rule is `own` runs on the parameters that are not GaLore targets
+    (`GaLoreConfig.others`), configured for accounting; None for `frozen`."""
+    if others == FROZEN:
+        return None
+    return inner_rule(own if others == "same" else others, min_8bit_size=min_8bit_size)
