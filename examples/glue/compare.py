@@ -69,9 +69,10 @@ def describe(result: dict[str, Any]) -> str:
             "+ classifier head"
         )
     if result["method"] == "galore":
-        others = dict(item.split("=", 1) for item in (result["optim_args"] or "").split(",") if "=" in item)
-        own = "8-bit AdamW" if "8bit" in result["optim"] else "AdamW"
-        rule = {"same": own}.get(others.get("others", "same"), others.get("others"))
+        from hf_galore.config import split_optim_args
+
+        others = split_optim_args(result["optim_args"]).get("others", "same")
+        rule = ("8-bit AdamW" if "8bit" in result["optim"] else "AdamW") if others == "same" else others
         return f"GaLore ({result['optim_args']}) on {result['optim_target_modules']}; other parameters {rule}{frozen}"
     return f"all parameters, {result['optim']}{frozen}"
 
