@@ -130,7 +130,8 @@ def build(quick: bool):
 
 
 def lr_factor(step: int, steps: int) -> float:
-    """transformers' default schedule: linear warm-up over WARMUP steps, then linear decay to 0."""
+    """Linear warm-up over WARMUP steps, then linear decay to 0: transformers' default schedule, except that its
+    warm-up starts at lr 0 and this one at lr / WARMUP (so step 1 already moves the weights)."""
     if step < WARMUP:
         return (step + 1) / WARMUP
     return max(0.0, (steps - step) / max(1, steps - WARMUP))
