@@ -379,6 +379,43 @@ def test_compare_seeds_mean_sd_and_paired_difference(monkeypatch, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_reuse_runs_only_the_missing_seeds(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_run_method(name, flags, extra, output_dir):
+        seed = int(extra[extra.index("--seed") + 1])
+        calls.append((name, seed))
+        return fake_result(name, name, SCORES.get((name, seed), 0.5), 2.5)
+
+    monkeypatch.setattr(compare, "run_method", fake_run_method)
+    first = ["--methods", "lora,galore", "--seeds", "0", "--results", str(tmp_path / "a.md")]
+    compare.main([*first, "--work_dir", str(tmp_path / "runs")])
+    calls.clear()
+    again = ["--methods", "lora,galore", "--seeds", "0,1", "--results", str(tmp_path / "b.md")]
+    results = compare.main([*again, "--reuse", str(tmp_path / "a.json"), "--work_dir", str(tmp_path / "runs")])
+
+    assert calls == [("lora", 1), ("galore", 1)]  # seed 0 of each came from a.json
+    assert [r.get("reused_from") for r in results] == [str(tmp_path / "a.json"), None] * 2
+    assert "| galore − lora | +3.00, -1.00 | +1.00 ± 2.00 |" in (tmp_path / "b.md").read_text()
+    assert f"Reused: 2 of these 4 runs come from {tmp_path / 'a.json'}" in (tmp_path / "b.md").read_text()
+
+    calls.clear()  # other run_glue.py flags (here the data) or other method flags: nothing is reused
+    other = ["--methods", "lora,galore", "--seeds", "0,1", "--results", str(tmp_path / "c.md")]
+    compare.main([*other, "--reuse", str(tmp_path / "a.json"), "--max_train_samples", "10"])
+    assert calls == [("lora", 0), ("lora", 1), ("galore", 0), ("galore", 1)]
+    assert "differ from these ['--max_train_samples', '10']; nothing reused" in capsys.readouterr().out
+    calls.clear()
+    monkeypatch.setitem(compare.METHODS, "lora", ["--method", "lora", "--lora_r", "4"])
+    compare.main([*again, "--reuse", str(tmp_path / "b.json"), "--work_dir", str(tmp_path / "runs")])
+    assert calls == [("lora", 0), ("lora", 1)]
+
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        compare.main([*again, "--reuse", str(tmp_path / "bad.json")])
+    message = f"Invalid --reuse {tmp_path / 'bad.json'}: not a results JSON written by compare.py"
+    assert message in capsys.readouterr().err
+
+
 def test_paired_difference_standard_error():
     differences, mean, se = compare.paired_difference([0.80, 0.78, 0.83], [0.79, 0.79, 0.80])
     # differences 0.01, -0.01, 0.03: mean 0.01, sd sqrt((0 + 0.02^2 + 0.02^2) / 2) = 0.02, SE 0.02 / sqrt(3)

