@@ -4,6 +4,7 @@ No download and no data package: the model, a word-level tokenizer and csv files
 """
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -154,6 +155,25 @@ def test_run_glue_trains_and_evaluates(case, tiny_roberta, csv_files, tmp_path):
         assert trainable == total - embeddings
     else:
         assert results["metric"] == "accuracy" and "accuracy" in results["eval_metrics"]
+
+
+def test_readme_documents_every_run_glue_flag():
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    fields = [*dataclasses.fields(run_glue.ModelArguments), *dataclasses.fields(run_glue.DataArguments)]
+    assert [f.name for f in fields if f"| `--{f.name}` |" not in readme] == []
+
+
+def test_lora_modules_to_save_train_in_full(tiny_roberta):
+    def trainable(**lora):
+        model_args = run_glue.ModelArguments(
+            model_name_or_path=str(tiny_roberta), method="lora", lora_target_modules="query,value", **lora
+        )
+        model, _ = run_glue.build_model(model_args, "lora", num_labels=2, task="sst2")
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    base = RobertaForSequenceClassification.from_pretrained(tiny_roberta)
+    intermediate = sum(p.numel() for layer in base.roberta.encoder.layer for p in layer.intermediate.parameters())
+    assert trainable(lora_modules_to_save="intermediate") == trainable() + intermediate
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,10 @@ class ModelArguments:
         default="all-linear",
         metadata={"help": "PEFT target_modules: 'all-linear' or comma-separated module names (query,value)."},
     )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "PEFT modules_to_save: comma-separated modules trained in full beside the head (pooler)."},
+    )
 
 
 @dataclass
@@ -393,6 +397,9 @@ def build_model(model_args: ModelArguments, method: str, num_labels: int, task: 
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            modules_to_save=[m.strip() for m in model_args.lora_modules_to_save.split(",") if m.strip()]
+            if model_args.lora_modules_to_save
+            else None,
         )
         model = get_peft_model(model, lora)
     return model, tokenizer
