@@ -418,6 +418,10 @@ def test_compare_reuse_runs_only_the_missing_seeds(monkeypatch, tmp_path, capsys
     assert [r.get("reused_from") for r in results] == [str(tmp_path / "a.json"), None] * 2
     assert "| galore − lora | +3.00, -1.00 | +1.00 ± 2.00 |" in (tmp_path / "b.md").read_text()
     assert f"Reused: 2 of these 4 runs come from {tmp_path / 'a.json'}" in (tmp_path / "b.md").read_text()
+    assert "load average" in (tmp_path / "b.md").read_text()  # two runs ran in this call
+    compare.main([*again, "--reuse", str(tmp_path / "b.json"), "--results", str(tmp_path / "all.md")])
+    assert "every run was reused from an earlier call" in (tmp_path / "all.md").read_text()
+    assert "load average" not in (tmp_path / "all.md").read_text()
 
     calls.clear()  # other run_glue.py flags (here the data) or other method flags: nothing is reused
     other = ["--methods", "lora,galore", "--seeds", "0,1", "--results", str(tmp_path / "c.md")]

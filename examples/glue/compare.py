@@ -305,6 +305,17 @@ def machine() -> str:
     )
 
 
+def made_by(command: str, started: datetime.datetime, results: list[dict[str, Any]], load: tuple[float, float]) -> str:
+    """Which command made the table, when and where; the load average only where runs ran in this call."""
+    line = f"Made by `{command}` on {started:%Y-%m-%d %H:%M} ({machine()}"
+    if all("reused_from" in r for r in results):
+        return line + "); every run was reused from an earlier call (see Reused below), none ran in this one."
+    return (
+        line + f"; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: other jobs on the "
+        "machine slow the times)."
+    )
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Mean score against mean optimizer-state memory, one point per method, error bars of one sd over seeds."""
     import matplotlib
@@ -383,8 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         [
             f"# {first['data']}: full fine-tuning vs LoRA vs GaLore",
             "",
-            f"Made by `{command}` on {started:%Y-%m-%d %H:%M} ({machine()}; 1-minute load average "
-            f"{load_before:.1f} at the start, {load_after:.1f} at the end: other jobs on the machine slow the times).",
+            made_by(command, started, results, (load_before, load_after)),
             "",
             f"Model {first['model']}; {first['train_examples']:,} training / {first['eval_examples']:,} "
             f"{first.get('eval_split', 'validation')} examples; {seeds_text}, data order and budget for every "
