@@ -134,17 +134,17 @@ def reusable_runs(
         try:
             record = json.loads(Path(path).read_text())
             old_extra = parser.parse_known_args(shlex.split(record["command"])[2:])[1]
-            runs = [run for run in record["runs"] if record["flags"].get(run["name"]) == flags.get(run["name"])]
-            runs = [(run["name"], int(run["seed"]), run) for run in runs]
+            same_flags = [r for r in record["runs"] if record["flags"].get(r["name"]) == flags.get(r["name"])]
+            keyed = [((run["name"], int(run["seed"])), run) for run in same_flags]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             problem = f"not a results JSON written by compare.py ({error!r})"
             raise ValueError(f"Invalid --reuse {path}: {problem}.") from None
         if old_extra != extra:
             print(f"--reuse {path}: its run_glue.py flags {old_extra} differ from these {extra}; nothing reused")
             continue
-        print(f"--reuse {path}: {len(runs)} of its {len(record['runs'])} runs have these method flags")
-        for name, seed, run in runs:
-            found.setdefault((name, seed), {**run, "reused_from": str(path)})
+        print(f"--reuse {path}: {len(keyed)} of its {len(record['runs'])} runs have these method flags")
+        for key, run in keyed:
+            found.setdefault(key, {**run, "reused_from": str(path)})
     return found
 
 
