@@ -174,6 +174,8 @@ def test_lora_modules_to_save_train_in_full(tiny_roberta):
     base = RobertaForSequenceClassification.from_pretrained(tiny_roberta)
     intermediate = sum(p.numel() for layer in base.roberta.encoder.layer for p in layer.intermediate.parameters())
     assert trainable(lora_modules_to_save="intermediate") == trainable() + intermediate
+    with pytest.raises(ValueError, match="Invalid --lora_modules_to_save 'pooler': no module named pooler"):
+        trainable(lora_modules_to_save="pooler")  # RoBERTa's classification model has none; PEFT would not say
 
 
 @pytest.mark.parametrize(
@@ -181,8 +183,9 @@ def test_lora_modules_to_save_train_in_full(tiny_roberta):
     [
         (["--method", "lora", "--optim", "galore_adamw"], "--method lora with --optim galore_adamw"),
         (["--method", "galore"], "--method galore needs a GaLore optimizer"),
+        (["--lora_modules_to_save", "pooler"], "--lora_modules_to_save pooler with --method full"),
     ],
-    ids=["lora-with-galore-optim", "galore-without-galore-optim"],
+    ids=["lora-with-galore-optim", "galore-without-galore-optim", "lora-setting-without-lora"],
 )
 def test_run_glue_rejects_contradictory_method_and_optim(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -491,9 +494,18 @@ def test_sweep_spaces_hold_the_budget_and_draws_are_distinct():
     with pytest.raises(ValueError, match="has only 12 configurations"):
         sweep.draw(sweep.SPACES["full"], 13, seed=0)
     config = {"learning_rate": 1e-3, "scale": 2, "rank": 4, "update_proj_gap": 50, "residual": "fira"}
+    config["targets"] = "a,b"
     assert "--freeze_embeddings" in sweep.method_flags("galore", {**config, "non_targets": "freeze_embeddings"})
     adafactor = sweep.method_flags("galore", {**config, "non_targets": "adafactor"})
     assert "--freeze_embeddings" not in adafactor and adafactor[5].endswith("residual=fira,others=adafactor")
+    assert adafactor[2:4] == ["--optim_target_modules", "a,b"]
+    # the targets key is last and single-valued, so the recorded stages' draws are what sweep.py draws today
+    for stage, spaces in (("stage1", None), ("stage2", EXAMPLES / "sweep_stage2.json")):
+        record = json.loads((EXAMPLES / "sweep_results" / f"{stage}.json").read_text())
+        recorded = {r["config"]: r["flags"] for r in record["runs"] if r["method"] == "galore"}
+        space = sweep.load_spaces(spaces)["galore"]
+        drawn = sweep.draw(space, sweep.BUDGET, seed=record["search_seed"])
+        assert [sweep.method_flags("galore", c) for c in drawn] == [recorded[i] for i in range(sweep.BUDGET)], stage
 
 
 def test_sweep_scores_a_config_by_its_mean_dev_score_over_seeds(monkeypatch, tmp_path):

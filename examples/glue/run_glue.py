@@ -368,6 +368,11 @@ def resolve_method(model_args: ModelArguments, training_args: TrainingArguments)
         raise ValueError(f"--method galore needs a GaLore optimizer, got --optim {optim}; pass --optim galore_adamw.")
     if method != "galore" and galore:
         raise ValueError(f"--method {method} with --optim {optim}: drop --method or pick a non-GaLore --optim.")
+    if method != "lora" and model_args.lora_modules_to_save:
+        raise ValueError(
+            f"--lora_modules_to_save {model_args.lora_modules_to_save} with --method {method}: it is a LoRA setting; "
+            "pass --method lora or drop it."
+        )
     return method
 
 
@@ -397,12 +402,25 @@ def build_model(model_args: ModelArguments, method: str, num_labels: int, task: 
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-            modules_to_save=[m.strip() for m in model_args.lora_modules_to_save.split(",") if m.strip()]
-            if model_args.lora_modules_to_save
-            else None,
+            modules_to_save=modules_to_save(model, model_args.lora_modules_to_save),
         )
         model = get_peft_model(model, lora)
     return model, tokenizer
+
+
+def modules_to_save(model: torch.nn.Module, names: str | None) -> list[str] | None:
+    """--lora_modules_to_save as PEFT's list; a name that matches no module raises (PEFT would ignore it)."""
+    if not names:
+        return None
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    present = [n for n, _ in model.named_modules()]
+    missing = [w for w in wanted if not any(n == w or n.endswith(f".{w}") for n in present)]
+    if missing or not wanted:
+        raise ValueError(
+            f"Invalid --lora_modules_to_save {names!r}: no module named {', '.join(missing) or 'anything'} in "
+            f"{type(model).__name__}. Give module names (the end of a name works: pooler, intermediate)."
+        )
+    return wanted
 
 
 def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
