@@ -436,6 +436,17 @@ def test_compare_reuse_runs_only_the_missing_seeds(monkeypatch, tmp_path, capsys
     compare.main([*again, "--reuse", str(tmp_path / "b.json"), "--work_dir", str(tmp_path / "runs")])
     assert calls == [("lora", 0), ("lora", 1)]
 
+    calls.clear()  # the first file wins; a run recorded on another machine or software is not reused
+    record = json.loads((tmp_path / "b.json").read_text())
+    record["runs"][0]["ran_on"] = "another machine"  # lora seed 0
+    record["runs"][2]["score"] = 0.99  # galore seed 0, shadowed by a.json's
+    (tmp_path / "elsewhere.json").write_text(json.dumps(record))
+    reuse = ["--reuse", str(tmp_path / "a.json"), str(tmp_path / "elsewhere.json")]
+    results = compare.main([*again, *reuse, "--results", str(tmp_path / "d.md")])
+    assert calls == [("lora", 0)]
+    assert [r.get("reused_from") for r in results][2:] == [str(tmp_path / "a.json"), str(tmp_path / "elsewhere.json")]
+    assert results[2]["score"] == SCORES[("galore", 0)]
+
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit):
         compare.main([*again, "--reuse", str(tmp_path / "bad.json")])

@@ -96,6 +96,7 @@ def run_method(name: str, flags: list[str], extra: list[str], output_dir: Path) 
         raise RuntimeError(f"{name} failed (exit code {code}); end of {output_dir / 'log.txt'}:\n" + "\n".join(tail))
     result = json.loads((output_dir / "results.json").read_text())
     result["name"], result["process_seconds"] = name, seconds
+    result["ran_on"], result["ran_at"] = machine(), datetime.datetime.now().isoformat(timespec="minutes")
     print(f"[{name}] {result['metric']} {result['score']:.4f} in {seconds:.0f} s", flush=True)
     return result
 
@@ -127,22 +128,29 @@ def load_recipe(path: Path) -> dict[str, list[str]]:
 def reusable_runs(
     paths: list[Path], parser: argparse.ArgumentParser, flags: dict[str, list[str]], extra: list[str]
 ) -> dict[tuple[str, int], dict[str, Any]]:
-    """Runs of earlier compare.py results JSONs made with the same method flags and run_glue.py flags as this call,
-    by (method, seed); the first file wins. Each says where it came from (`reused_from`)."""
+    """Runs of earlier compare.py results JSONs made with the same method flags and run_glue.py flags (compared as
+    written: the same flags in another order do not match) as this call, on this machine and software (`ran_on`),
+    by (method, seed); the first file wins. Each says which file it was taken from (`reused_from`); `ran_on` and
+    `ran_at` say where and when it ran (runs from before compare.py recorded them have neither)."""
     found: dict[tuple[str, int], dict[str, Any]] = {}
+    here = machine()
     for path in paths:
         try:
-            record = json.loads(Path(path).read_text())
+            record = json.loads(path.read_text())
             old_extra = parser.parse_known_args(shlex.split(record["command"])[2:])[1]
             same_flags = [r for r in record["runs"] if record["flags"].get(r["name"]) == flags.get(r["name"])]
             keyed = [((run["name"], int(run["seed"])), run) for run in same_flags]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, SystemExit) as error:
             problem = f"not a results JSON written by compare.py ({error!r})"
             raise ValueError(f"Invalid --reuse {path}: {problem}.") from None
         if old_extra != extra:
             print(f"--reuse {path}: its run_glue.py flags {old_extra} differ from these {extra}; nothing reused")
             continue
-        print(f"--reuse {path}: {len(keyed)} of its {len(record['runs'])} runs have these method flags")
+        elsewhere = [key for key, run in keyed if run.get("ran_on", here) != here]
+        if elsewhere:
+            print(f"--reuse {path}: {len(elsewhere)} runs ran on another machine or software; not reused: {elsewhere}")
+        keyed = [(key, run) for key, run in keyed if key not in elsewhere]
+        print(f"--reuse {path}: {len(keyed)} of its {len(record['runs'])} runs have these flags and this machine")
         for key, run in keyed:
             found.setdefault(key, {**run, "reused_from": str(path)})
     return found
@@ -283,7 +291,8 @@ def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str
         count = sum("reused_from" in r for r in results)
         lines.append(
             f"Reused: {count} of these {len(results)} runs come from {', '.join(sources)} (the same method flags, "
-            "run_glue.py flags and seed) and were not run again; their times and memory are from when they ran."
+            "run_glue.py flags and seed, and this machine and software where recorded) and were not run again; "
+            "their times and memory are from when they ran (`ran_at` in the JSON, where recorded)."
         )
     if any(len(row["scores"]) > 1 for row in summary(results)):
         lines.append(
