@@ -278,8 +278,9 @@ def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str
             f"The settings come from the recipe {recipe}; examples/glue/sweep.py chooses them on a dev split carved "
             "from the training data, never on this validation split."
             if recipe
-            else "The settings in METHODS were chosen by examples/glue/sweep.py on a dev split carved from the "
-            "Rotten Tomatoes training data (examples/glue/sweep_results), never on a validation split."
+            else "The settings in METHODS were chosen on a dev split carved from the Rotten Tomatoes training data "
+            "(examples/glue/sweep.py, then one change each for LoRA and GaLore: examples/glue/sweep_results), never "
+            "on a validation split."
         )
         lines.append(
             f"Noise: with {n:,} {split} examples an accuracy has a binomial standard error of about "
