@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default=[],
         help="results JSONs of earlier compare.py calls: runs with the same flags and seed are taken, not run again",
     )
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     load_after = os.getloadavg()[0]
 
     first = results[0]
-    command = shlex.join(["python", "examples/glue/compare.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "examples/glue/compare.py", *argv])
     png, runs_json = args.results.with_suffix(".png"), args.results.with_suffix(".json")
     seeds_text = f"the same {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "the same seed"
     difference_text = difference_table(results)

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "must be SPACES' keys",
     )
     parser.add_argument("--quick", action="store_true", help=f"budget {QUICK_BUDGET} and {shlex.join(QUICK_FLAGS)}")
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in SPACES for m in methods):
         parser.error(
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": shlex.join(["python", "examples/glue/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "examples/glue/sweep.py", *argv]),
         "budget": budget,
         "sweep_seeds": seeds,
         "search_seed": args.search_seed,
