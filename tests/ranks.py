@@ -1,4 +1,4 @@
-"""Run a function on 2 gloo ranks (CPU), each test starting and cleaning up its own process group."""
+"""Run a function on 2 (or 4) gloo ranks (CPU), each test starting and cleaning up its own process group."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: Path, body, args: tuple) -> None:
+def _worker(rank: int, port: int, out_dir: Path, body, args: tuple, world: int, timeout: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
     )
     try:
         torch.save(body(rank, *args), out_dir / f"rank{rank}.pt")
@@ -30,8 +30,9 @@ def _worker(rank: int, port: int, out_dir: Path, body, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def run_on_ranks(tmp_path: Path, body, *args) -> list:
-    """Run `body(rank, *args)` on WORLD gloo ranks and return what each rank returned (tensors and plain values).
+def run_on_ranks(tmp_path: Path, body, *args, world: int = WORLD, timeout: float = 60) -> list:
+    """Run `body(rank, *args)` on `world` gloo ranks and return what each rank returned (tensors and plain values).
+    A collective that waits longer than `timeout` seconds fails its rank (a hang becomes an error).
 
     A fork server that has imported torch and hf_galore starts the ranks: a fresh interpreter per rank would import
     transformers (through hf_galore) every time, and fork from the test process is unsafe once it has used OpenMP.
@@ -39,16 +40,23 @@ def run_on_ranks(tmp_path: Path, body, *args) -> list:
     """
     mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "hf_galore", "pytest"])
     mp.start_processes(
-        _worker, args=(_free_port(), tmp_path, body, args), nprocs=WORLD, join=True, start_method="forkserver"
+        _worker,
+        args=(_free_port(), tmp_path, body, args, world, timeout),
+        nprocs=world,
+        join=True,
+        start_method="forkserver",
     )
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
-def shard_linears(model: torch.nn.Sequential) -> torch.nn.Sequential:
-    """FSDP2 on this rank's 1-D mesh: each Linear its own unit, then the model (as accelerate wraps layers)."""
+def shard_linears(model: torch.nn.Sequential, mesh_shape: tuple[int, ...] | None = None) -> torch.nn.Sequential:
+    """FSDP2 over every rank, each Linear its own unit, then the model (as accelerate wraps layers): on a 1-D mesh,
+    or HSDP on a 2-D (replicate, shard) `mesh_shape`."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
+    shape = mesh_shape or (dist.get_world_size(),)
+    names = ("replicate", "shard") if len(shape) == 2 else None
+    mesh = dist.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=names)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)

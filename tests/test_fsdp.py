@@ -10,6 +10,8 @@ form is held to 1e-3.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from ranks import WORLD, run_on_ranks, shard_linears
@@ -21,6 +23,10 @@ from hf_galore.sharding import count_collectives, local_tensor
 STEPS, GAP, RANK = 7, 3, 3  # refreshes at steps 0, 3 and 6: two inside the run after the first
 FORMS = {
     "adamw": (lambda params, **kw: GaLoreAdamW(params, lr=1e-2, weight_decay=0.01, **kw), 1e-4),
+    "adamw_layerwise": (
+        lambda params, **kw: GaLoreAdamW(params, lr=1e-2, weight_decay=0.01, layerwise=True, **kw),
+        1e-4,
+    ),
     "adamw8bit": (lambda params, **kw: GaLoreAdamW8bit(params, lr=1e-2, min_8bit_size=16, **kw), 1e-3),
     "adafactor": (
         lambda params, **kw: GaLoreAdafactor(
@@ -62,27 +68,67 @@ def _state_bytes(optimizer) -> dict[str, int]:
     return kinds
 
 
-def _sharded_run(rank: int, form: str, config: GaLoreConfig, targets: int | None = None) -> dict:
-    model = shard_linears(_model())
+def _poison_at(model, poison: dict | None, row_of) -> list[int]:
+    """Hooks that put a NaN in row `row_of(param)` of the named parameter's gradient (skipped where None) at the steps
+    `poison` (step -> name) says, registered before the optimizer's own (layer-wise) ones so they run first. Returns
+    the step counter the caller advances."""
+    clock = [0]
+    for name, param in model.named_parameters():
+        if name in (poison or {}).values():
+
+            def hook(param, name=name):
+                row = row_of(param)
+                if poison.get(clock[0]) == name and row is not None:
+                    local_tensor(param.grad)[row, 0] = float("nan")
+
+            param.register_post_accumulate_grad_hook(hook)
+    return clock
+
+
+def _sharded_run(
+    rank: int, form: str, config: GaLoreConfig, targets: int | None = None, poison: dict | None = None, mesh=None
+) -> dict:
+    """`poison`: step -> parameter name whose gradient gets a NaN in the last rank's first row at that step."""
+    world = torch.distributed.get_world_size()
+    model = shard_linears(_model(), mesh)
+    clock = _poison_at(model, poison, lambda param: 0 if rank == world - 1 else None)
     optimizer = _optimizer(model, form, config, targets)
-    traffic = []
-    for x, y in _batches():
+    params = dict(model.named_parameters())
+    traffic, skipped = [], []
+    for clock[0], (x, y) in enumerate(_batches()):
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+        torch.nn.functional.mse_loss(model(x[rank::world]), y[rank::world]).backward()  # layer-wise: updates here
         with count_collectives() as counter:
             optimizer.step()
         traffic.append([(r.op, r.input_bytes, r.output_bytes) for r in counter.records])
+        skipped.append(optimizer.pop_skipped_updates())
     weights = {name: p.full_tensor() for name, p in model.named_parameters()}
-    return {"weights": weights, "state_bytes": _state_bytes(optimizer), "traffic": traffic}
+    steps = {name: optimizer.state[p]["step"] for name, p in params.items()}
+    bases = {name: optimizer.state[p].get(RIGHT_BASIS) for name, p in params.items()}
+    return {
+        "weights": weights,
+        "state_bytes": _state_bytes(optimizer),
+        "traffic": traffic,
+        "skipped": skipped,
+        "steps": steps,
+        "bases": {name: local_tensor(b) for name, b in bases.items() if b is not None},
+    }
 
 
-def _single_run(form: str, config: GaLoreConfig, targets: int | None = None):
+def _single_run(form: str, config: GaLoreConfig, targets: int | None = None, poison: dict | None = None, world=WORLD):
+    """One process on the global batch; `poison` as in `_sharded_run`, in the rows the last of `world` ranks holds."""
     model = _model()
+    clock = _poison_at(model, poison, lambda param: -(-param.shape[0] // world) * (world - 1))
     optimizer = _optimizer(model, form, config, targets)
-    for x, y in _batches():
+    skipped = []
+    for clock[0], (x, y) in enumerate(_batches()):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip warning, asserted through pop_skipped_updates
+            optimizer.step()
+        skipped.append(optimizer.pop_skipped_updates())
+    optimizer.skipped_per_step = skipped
     return model, optimizer
 
 
@@ -127,8 +173,8 @@ def test_default_settings_run_sharded_and_steps_between_refreshes_move_nothing(t
     largest_weight = 4 * 24 * 10
     for result in results:
         for step, records in enumerate(result["traffic"]):
-            if step % GAP:  # between refreshes: no collective at all
-                assert records == [], (step, records)
+            if step % GAP:  # between refreshes: only the step's finite check, one flag per parameter
+                assert records == [("c10d.allreduce_", 4 * 6, 4 * 6)], (step, records)
             else:  # a randomized refresh exchanges sketches only, never a whole gradient
                 assert records and max(out for _, _, out in records) < largest_weight, (step, records)
 
@@ -147,3 +193,33 @@ def test_the_shipped_accelerate_config_shards_with_fsdp2():
 
     config = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "fsdp2.yaml"))
     assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+
+
+# step -> the parameter poisoned in the last rank's rows: at a refresh (step 3) and between refreshes (step 4)
+POISON = {3: "0.weight", 4: "2.weight"}
+
+
+@pytest.mark.parametrize(
+    "form,others",
+    [("adamw", "same"), ("adafactor", "same"), ("adamw", "adafactor"), ("adamw_layerwise", "same")],
+    ids=["adamw", "adafactor", "others-adafactor", "adamw-layerwise"],
+)
+def test_a_nan_in_one_ranks_rows_skips_the_whole_parameter_on_every_rank(tmp_path, form, others):
+    """Issue 20 item 5: every rank skips what one process skips, whole (the flags are agreed in one all-reduce per
+    step), with its step count untouched; Adafactor (target or `others=`) does not hang in a collective the
+    skipping rank never joins. 2.weight (7x24) is a target except with `others=`, where only 0.weight is."""
+    config = GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, proj_type="right", others=others)
+    targets = 1 if others != "same" else None
+    results = run_on_ranks(tmp_path, _sharded_run, form, config, targets, POISON, timeout=20)
+    model, optimizer = _single_run(form, config, targets, POISON)
+    expected_skips = [[POISON[s]] if s in POISON else [] for s in range(STEPS)]
+    assert optimizer.skipped_per_step == expected_skips
+    for result in results:
+        assert result["skipped"] == expected_skips
+        assert result["steps"]["0.weight"] == result["steps"]["2.weight"] == STEPS - 1
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(result["weights"][name], param.detach(), atol=FORMS[form][1], rtol=0)
+        if form.endswith("layerwise"):  # the hooks stepped in backward, each with its own flag
+            continue
+        for step, records in enumerate(result["traffic"]):  # one batched all-reduce of one flag per parameter
+            assert records[0] == ("c10d.allreduce_", 4 * 6, 4 * 6), (step, records)

@@ -36,6 +36,7 @@ from .resume import Resumable
 from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
     RowShard,
+    finite_flags,
     global_sum,
     local_tensor,
     row_shard,
@@ -323,17 +324,23 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             squares = torch.as_tensor(self._layerwise_sq_norm, dtype=torch.float32)
             self.last_grad_norm = float(global_sum(squares, self._norm_shard).sqrt())
             self._layerwise_sq_norm = 0.0
-        for group in self.param_groups:
-            if is_frozen_group(group):
-                continue
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update_parameter(param, group)
+        stepped = [
+            (self._checked(param), group)
+            for group in self.param_groups
+            if not is_frozen_group(group)
+            for param in group["params"]
+            if param.grad is not None
+        ]
+        for (param, group), finite in zip(stepped, self._finite([param for param, _ in stepped])):
+            if finite:
+                self._update_parameter(param, group)
+            else:
+                self._skip(param)
         self._warn_skipped()
         return loss
 
-    def _update_parameter(self, param: Tensor, group: dict[str, Any]) -> None:
-        """One parameter's update. Under FSDP2 (a `Shard(0)` DTensor) it works on the local rows (see `sharding`)."""
+    def _checked(self, param: Tensor) -> Tensor:
+        """`param`, once it is known to be updatable (a dense gradient, real data)."""
         if param.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         if param.is_meta:
@@ -341,28 +348,32 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 f"{type(self).__name__} cannot update {self.param_name(param)}: it is on the meta device (no data). "
                 "Materialize the model (load its weights, or `to_empty()` and initialise) before training."
             )
+        return param
+
+    @staticmethod
+    def _finite(params: list[Tensor]) -> list[bool]:
+        """Whether each parameter's gradient is free of NaN and inf: one batched check per step (`finite_flags`).
+        Row-sharded (FSDP2, HSDP), the flags are agreed over the ranks in the same call, so every rank skips the
+        same parameters, whole, as one process would (a rank deciding on its own rows would update the others' rows
+        of a parameter one process skips, or leave the others waiting in a refresh or Adafactor collective)."""
+        agree = any(row_shard(param) is not None for param in params)
+        return finite_flags([local_tensor(param.grad) for param in params], agree=agree)
+
+    def _update_parameter(self, param: Tensor, group: dict[str, Any]) -> None:
+        """One parameter's update from its finite gradient. Under FSDP2 (a `Shard(0)` DTensor) it works on the local
+        rows (see `sharding`)."""
         shard = row_shard(param)
         weight, grad = local_tensor(param), local_tensor(param.grad)
-        state = self.state[param] if param in self.state else {}  # a skipped first update leaves no state
+        state = self.state[param]
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
         clock = step if self._refresh_clock is None else self._refresh_clock
-        refresh_due = galore and (NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH])
-        full_grad = grad
-        if galore and not refresh_due:
-            # Checked in the subspace: any NaN/inf of G reaches the projection (NaN·0 is NaN), at r/min(m, n) the cost.
-            grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
-        if not self._is_finite(grad, shard, agree=refresh_due):
-            self._skip(param)
-            if shard is not None and not refresh_due:
-                state[STEP] = step + 1  # every rank keeps the same step count, so refreshes stay in lockstep
-                self.state[param] = state
-            return
-        self.state[param] = state
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
-        if refresh_due:
-            proj_type = self._proj_type(param, group, row_sharded=shard is not None)
-            self._refresh(param, full_grad, state, group, clock, proj_type, shard)
+        full_grad = grad
+        if galore:
+            if NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH]:
+                proj_type = self._proj_type(param, group, row_sharded=shard is not None)
+                self._refresh(param, full_grad, state, group, clock, proj_type, shard)
             grad = project(full_grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         step += 1
         state[STEP] = step
@@ -389,17 +400,6 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             return resolve_proj_type(group["proj_type"], tuple(param.shape), row_sharded=row_sharded)
         except ValueError as err:
             raise ValueError(f"{self.param_name(param)}: {err}") from None
-
-    @staticmethod
-    def _is_finite(grad: Tensor, shard: RowShard | None, *, agree: bool) -> bool:
-        """Whether `grad` has no NaN/inf, read from its float32 sum: one pass and no full-size temporary (any NaN or
-        inf makes the sum non-finite; finite gradients would need a sum beyond 3e38 to look otherwise). Sharded,
-        each rank judges its own rows, except where the ranks must agree (a refresh, whose collectives every rank
-        joins): then the sums are all-reduced (one float)."""
-        total = grad.sum(dtype=torch.float32)
-        if shard is not None and agree:
-            total = global_sum(total, shard)
-        return bool(torch.isfinite(total))
 
     @staticmethod
     def _keep_sharded(param: Tensor, state: dict[str, Any], moments: dict[str, Any], rule: InnerUpdate) -> None:

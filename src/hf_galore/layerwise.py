@@ -106,5 +106,10 @@ class LayerwiseHooks:
         with torch.no_grad():
             self._norm_shard = self._norm_shard or row_shard(param)  # sharded squares are summed over ranks in step()
             self._layerwise_sq_norm = self._layerwise_sq_norm + local_tensor(param.grad).float().square().sum()
-            self._update_parameter(param, self.param_groups[group_index])
+            # One parameter is what a hook steps: its flag is agreed over the ranks on its own (one all-reduced float
+            # beside FSDP2's reduce-scatter of its unit) and read in one host sync, so every rank skips it alike.
+            if self._finite([self._checked(param)])[0]:
+                self._update_parameter(param, self.param_groups[group_index])
+            else:
+                self._skip(param)
         param.grad = None

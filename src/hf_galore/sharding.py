@@ -51,6 +51,7 @@ __all__ = [
     "blocks_by_row",
     "blocks_from_rows",
     "count_collectives",
+    "finite_flags",
     "gather_rows",
     "global_mean",
     "global_rms",
@@ -200,6 +201,21 @@ def global_rms(tensor: Tensor, numel: int, shard: RowShard | None) -> Tensor:
     if world_size(shard) == 1:
         return tensor.norm(2) / numel**0.5
     return (global_sum(tensor.float().square().sum(), shard) / numel).sqrt()
+
+
+def finite_flags(tensors: list[Tensor], *, agree: bool) -> list[bool]:
+    """Whether each tensor is free of NaN and inf, for a whole step at once: each read as its float32 sum (one pass,
+    no full-size temporary: any NaN or inf makes the sum non-finite; finite values would need a sum beyond 3e38 to
+    look otherwise), the flags stacked, OR-ed over the ranks in one all-reduce of len(tensors) floats when `agree`
+    (row shards: each rank holds only its rows, and every rank must take the same decision, or one waits in a
+    collective the other skips), and read back in one host sync (`.tolist()`), not one per tensor."""
+    if not tensors:
+        return []
+    sums = [t.sum(dtype=torch.float32) for t in tensors]
+    bad = (~torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))).float()
+    if agree:
+        bad = any_rank(bad)
+    return [not flag for flag in bad.tolist()]
 
 
 def any_rank(flags: Tensor) -> Tensor:
