@@ -435,25 +435,29 @@ def _odd_llama_shapes():
 
 @pytest.mark.parametrize("method", ["randomized", "exact"])
 def test_fsdp_per_rank_state_weights_and_traffic_by_hand(tmp_path, method):
-    """N=2, largest rank: ⌈m/2⌉ rows of every weight, gradient and moment; the r×n right bases replicated."""
+    """N=2, largest rank: ⌈m/2⌉ rows of every weight, gradient and moment, and ⌈r/2⌉ rows of every r×n basis."""
     path = _config_json(tmp_path, LlamaConfig(**ODD_LLAMA))
     rank, common = 4, {"optim_target_modules": "attn,mlp", "seq_len": 64}
     args = f"rank={rank},refresh_method={method}"
     plan = estimate(config=path, optim="galore_adamw", optim_args=args, fsdp=2, **common)
-    state = traffic = params = 0
+    state = traffic = params = step = 0
     buffers = sum(b.numel() * 4 for b in _odd_llama().buffers())  # replicated (the rotary frequencies)
     for _, (m, *rest), target in _odd_llama_shapes():
         n = rest[0] if rest else 1
         params += _rows(m) * n * 4
         if target:
             r, k = min(rank, m, n), min(rank + 8, m, n)
-            state += 2 * _rows(m) * r * 4 + r * n * 4  # two moments on the rank's rows of G Qᵀ, basis Q (r×n)
-            traffic += 4 * m * n if method == "exact" else 3 * n * k * 4 + n * r * 4 + 2 * k * k * 4
+            # two moments on the rank's rows of G Qᵀ; its ⌈r/2⌉ rows of the basis Q (r×n)
+            state += 2 * _rows(m) * r * 4 + _rows(r) * n * 4
+            # randomized: sketches n×k, the k×k float64 Gram matrix, the n×r result (none grows with N)
+            traffic += 4 * m * n if method == "exact" else 3 * n * k * 4 + n * r * 4 + k * k * 8
+            step += 2 * _rows(r) * n * 4  # the basis gathered whole (2 ranks' blocks) for the update
         else:
             state += 2 * _rows(m) * n * 4
+        step += 4  # the step's finite flag, one per trainable tensor
     assert plan.fsdp == 2 and plan.optimizer_state == plan.state_by_optimizer["galore_adamw"] == state
     assert plan.weights == params + buffers and plan.gradients == params
-    assert plan.refresh_communication == traffic and plan.step_communication == 0
+    assert plan.refresh_communication == traffic and plan.step_communication == step
     parts = ("weights", "gradients", "optimizer_state", "refresh_workspace", "activations", "fsdp_buffers", "overhead")
     assert plan.total == sum(getattr(plan, key) for key in parts)
     one = estimate(config=path, optim="galore_adamw", optim_args=args, **common)
@@ -467,7 +471,7 @@ def test_fsdp_adafactor_layerwise_and_buffers_by_hand(tmp_path):
     plan = estimate(config=path, optim="galore_adafactor_layerwise", optim_args="rank=4", **common)
     shapes = _odd_llama_shapes()
     state = sum(
-        _rows(m) * 4 + 4 * 4 + 4 * rest[0] * 4  # row statistic (m_i), column statistic (r), basis (r×n)
+        _rows(m) * 4 + 4 * 4 + 2 * rest[0] * 4  # row statistic (m_i), column statistic (r), ⌈r/2⌉ basis rows
         if target
         else (_rows(m) + rest[0]) * 4
         if rest
@@ -475,7 +479,9 @@ def test_fsdp_adafactor_layerwise_and_buffers_by_hand(tmp_path):
         for _, (m, *rest), target in shapes
     )
     assert plan.optimizer_state == state
-    assert plan.step_communication == 14 * 4 * (4 + 2)  # 14 targets, each min(4, m, n) = 4 columns + 2 scalars
+    # 14 targets: the basis gathered (4×n) and min(4, m, n) = 4 columns + 2 scalars; a finite flag per tensor
+    bases = sum(4 * rest[0] * 4 for _, (m, *rest), target in shapes if target)
+    assert plan.step_communication == bases + 14 * 4 * (4 + 2) + 4 * len(shapes)
     assert plan.gradients == max(_rows(m) * (rest[0] if rest else 1) * 4 for _, (m, *rest), _ in shapes)
     # Unsharded: the root (embeddings, final norm, head) and one decoder layer, each with its gradient.
     layer = sum(math.prod(shape) for name, shape, _ in shapes if name.startswith("model.layers.0."))

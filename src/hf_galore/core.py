@@ -37,10 +37,12 @@ from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
     RowShard,
     finite_flags,
+    gather_whole,
     global_sum,
     local_tensor,
     row_shard,
     shard_like,
+    shard_whole_like,
 )
 from .state_keys import (  # noqa: F401  re-exported: the names tests and users import from here
     CHECKPOINT_GROUP_KEYS,
@@ -369,12 +371,14 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         galore = is_galore_group(group)
         clock = step if self._refresh_clock is None else self._refresh_clock
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
-        full_grad = grad
+        full_grad, left, right = grad, None, None
         if galore:
             if NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH]:
                 proj_type = self._proj_type(param, group, row_sharded=shard is not None)
-                self._refresh(param, full_grad, state, group, clock, proj_type, shard)
-            grad = project(full_grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+                left, right = self._refresh(param, full_grad, state, group, clock, proj_type, shard)
+            else:  # sharded bases are gathered for this parameter only, and dropped after its update
+                left, right = gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS))
+            grad = project(full_grad, left, right)
         step += 1
         state[STEP] = step
         rule = self.rule_for(group)
@@ -387,7 +391,6 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         if not galore:
             weight.sub_(delta)
             return
-        left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
         if group["residual"] == "fira" and lr > 0:  # lr 0 (e.g. a checkpoint's template step) moves nothing
             residual, state[RESIDUAL_NORM] = fira_residual(
                 full_grad, grad, delta, lr, left, right, state.get(RESIDUAL_NORM), shard
@@ -440,11 +443,12 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         clock: int,
         proj_type: str,
         shard: RowShard | None,
-    ) -> None:
-        """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule)."""
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule).
+        Returns the new (left, right) bases whole; the state keeps them sharded like `param` (`shard_whole_like`)."""
         start = time.perf_counter()
         bases, problem = self._new_bases(grad, group, proj_type, shard, seed=clock)
-        old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+        old = (gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS)))
         if problem is not None:
             action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
             warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
@@ -453,7 +457,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         overlap = self._record_refresh(old, bases, time.perf_counter() - start)
         for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
             if basis is not None:
-                state[key] = basis
+                state[key] = shard_whole_like(basis, param) if key == RIGHT_BASIS else basis
         offset = None
         if group["stagger"] and NEXT_REFRESH not in state:
             index = next(i for i, p in enumerate(group["params"]) if p is param)
@@ -467,6 +471,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             stagger_offset=offset,
         )
         state[REFRESH_INTERVAL] = interval
+        return bases
 
     def _new_bases(
         self, grad: Tensor, group: dict[str, Any], proj_type: str, shard: RowShard | None, seed: int

@@ -457,7 +457,7 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.fsdp is not None:
         lines.append(
             f"FSDP2 over {plan.fsdp} processes: figures per rank, for the largest rank (ceil(m/{plan.fsdp}) rows of "
-            "every weight, gradient and moment; GaLore bases replicated)"
+            f"every weight, gradient and moment; ceil(r/{plan.fsdp}) rows of every GaLore basis)"
         )
     lines.append("")
     grads = "layer-wise: the largest tensor's" if optimizer["layerwise"] else "full"
@@ -478,7 +478,11 @@ def format_plan(plan: MemoryPlan) -> str:
             f"FSDP2 refresh traffic per rank, every target refreshing once: {human_bytes(plan.refresh_communication)}"
         )
     if plan.step_communication:
-        lines.append(f"FSDP2 Adafactor all-reduce per rank and step: {human_bytes(plan.step_communication)}")
+        lines.append(
+            "FSDP2 optimizer traffic per rank and step between refreshes (bases gathered, finite check"
+            f"{', Adafactor statistics' if 'adafactor' in plan.optimizer.get('name', '') else ''}): "
+            f"{human_bytes(plan.step_communication)}"
+        )
     if plan.device_memory is not None:
         spare = plan.device_memory - plan.total
         verdict = f"fits, {gib(spare)} GiB to spare" if plan.fits else f"does NOT fit, {gib(-spare)} GiB short"

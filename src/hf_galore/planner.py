@@ -11,8 +11,9 @@ and batch that fit a device. Functions of shapes, dtypes and sizes only; `hf_gal
 * refresh workspace: see `refresh_workspace`.
 * FSDP2 over W processes (`world=W`), per rank, for the largest rank: every parameter, gradient and per-row moment
   holds ⌈m/W⌉ of its m rows (`torch.chunk` semantics, `shard_rows`); a GaLore target is projected from the right
-  (`hf_galore.projector.resolve_proj_type`): its basis (r×n) is replicated, its moments are ⌈m/W⌉×r. The refresh's
-  traffic per rank is `refresh_communication`, Adafactor's per-step all-reduces `step_communication`.
+  (`hf_galore.projector.resolve_proj_type`): each rank keeps ⌈r/W⌉ rows of its basis (r×n) and ⌈m/W⌉×r moments,
+  and gathers the basis whole for its update (`step_communication`, the buffer in `refresh_workspace`). The
+  refresh's traffic per rank is `refresh_communication`; neither grows with W.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from .config import GaLoreConfig
 from .inner import MIN_8BIT_SIZE, inner_rule, others_rule
 from .memory import expected_state_bytes
-from .projector import effective_rank, resolve_proj_type
+from .projector import TEST_MATRIX_BLOCK, effective_rank, resolve_proj_type
 from .sharding import RowShard
 from .trainer_factory import GALORE_OPTIMIZERS
 
@@ -139,8 +140,9 @@ def _sharded_state_bytes(
     others: str = "same",
 ) -> int:
     """`state_bytes` on the largest rank: each rule's state for the rank's ⌈m/W⌉ rows (8-bit or not by the whole
-    tensor's size, as `init_state` decides with a shard), GaLore targets projected from the right with their r×n
-    basis replicated. Plain optimizers are counted the same way, as torch's AdamW keeps DTensor moments."""
+    tensor's size, as `init_state` decides with a shard), GaLore targets projected from the right with ⌈r/W⌉ rows
+    of their r×n basis (`sharding.shard_whole_like`). Plain optimizers are counted the same way, as torch's AdamW
+    keeps DTensor moments."""
     galore = optim in GALORE_OPTIMIZERS
     rule, extra = (
         (inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size), 0) if galore else _plain_rule(optim)
@@ -155,7 +157,8 @@ def _sharded_state_bytes(
             except ValueError as err:
                 raise ValueError(f"the {tensor.shape[0]}x{tensor.shape[1]} targets: {err}") from None
             r = effective_rank(tensor.shape, rank)
-            inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + r * tensor.shape[1] * tensor.dtype.itemsize
+            basis = shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize  # ⌈r/W⌉ of the basis' r rows
+            inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + basis
         elif galore:
             inner = 0 if other_rule is None else other_rule.state_bytes(local, tensor.dtype, shard)
         else:
@@ -167,7 +170,7 @@ def _sharded_state_bytes(
 def refresh_workspace(
     tensors: Mapping[TensorKind, int], config: GaLoreConfig, rank: int, world: int | None = None
 ) -> int:
-    """float32 bytes alive during the largest target's basis refresh (one refresh runs at a time).
+    """Bytes alive during the largest target's basis refresh (one refresh runs at a time), float32 unless said.
 
     exact: `svd(G.float())` holds a float32 G (m×n; torch copies it for LAPACK even when G is float32), U (m×k), S (k)
     and Vᵀ (k×n), k = min(m, n). randomized: G.float() (a copy only when G is not float32), the sketch and its QR
@@ -175,8 +178,11 @@ def refresh_workspace(
     The solvers' own scratch is not counted.
 
     With `world` (FSDP2, the largest rank): exact gathers the m×n gradient (padded to W·⌈m/W⌉ rows) and runs the
-    same SVD; randomized holds the rank's m_i = ⌈m/W⌉ rows as float32 (a copy unless float32), the whole m×l test
-    matrix, G_i·Q (m_i×l), three n×l sketches and the W·l×l gathered R factors (`randomized_right_basis`).
+    same SVD; randomized holds the rank's m_i = ⌈m/W⌉ rows as float32 (a copy unless float32), the test matrix's
+    blocks those rows touch (at most ⌈m_i/1024⌉·1024 rows, `projector.test_matrix_rows`), B_i = G_i·Q (m_i×l) and
+    its float64 copy, three n×l sketches and the l×l float64 Gram matrix (`randomized_right_basis`): nothing grows
+    with W. Between refreshes a step holds one gathered basis (W·⌈r/W⌉×n in the weights' dtype); the larger of the
+    two is the workspace.
     """
     sizes = [0]
     for tensor in tensors:
@@ -185,13 +191,17 @@ def refresh_workspace(
         m, n = tensor.shape
         if world is not None:
             local = shard_rows(m, world)
+            gathered_basis = world * shard_rows(effective_rank(tensor.shape, rank), world) * n * tensor.dtype.itemsize
             if config.refresh_method == "exact":
                 k = min(m, n)
                 sizes.append(4 * (world * local * n + m * k + k + k * n))
             else:
                 sketch = min(rank + config.oversample, m, n)
                 copy = 0 if tensor.dtype == torch.float32 else local * n
-                sizes.append(4 * (copy + m * sketch + local * sketch + 3 * n * sketch + world * sketch * sketch))
+                drawn = min(m, -(-local // TEST_MATRIX_BLOCK) * TEST_MATRIX_BLOCK)
+                floats = copy + drawn * sketch + local * sketch + 3 * n * sketch
+                sizes.append(4 * floats + 8 * (local * sketch + sketch * sketch))
+            sizes.append(gathered_basis)
         elif config.refresh_method == "exact":
             k = min(m, n)
             sizes.append(4 * (m * n + m * k + k + k * n))
@@ -203,9 +213,10 @@ def refresh_workspace(
 
 
 def refresh_communication(tensors: Mapping[TensorKind, int], config: GaLoreConfig, rank: int, world: int) -> int:
-    """Bytes each rank exchanges when every GaLore target refreshes its basis under FSDP2 over `world` processes
-    (0 for one): randomized, (1 + power_iters) all-reduces of n×k, one of n×r and an all-gather of W·k×k float32
-    (k = min(rank + oversample, m, n), r = min(rank, m, n)); exact, the m×n float32 all-gather."""
+    """Bytes each rank exchanges (all-reduce sizes, all-gather results) when every GaLore target refreshes its basis
+    under FSDP2 over `world` processes (0 for one): randomized, (1 + power_iters) all-reduces of n×k float32, one of
+    k×k float64 and one of n×r float32 (k = min(rank + oversample, m, n), r = min(rank, m, n)), whatever `world`;
+    exact, the m×n float32 all-gather."""
     if world == 1:
         return 0
     total = 0
@@ -217,17 +228,28 @@ def refresh_communication(tensors: Mapping[TensorKind, int], config: GaLoreConfi
             size = 4 * m * n
         else:
             k, r = min(rank + config.oversample, m, n), effective_rank(tensor.shape, rank)
-            size = (1 + config.power_iters) * n * k * 4 + n * r * 4 + world * k * k * 4
+            size = (1 + config.power_iters) * n * k * 4 + n * r * 4 + k * k * 8
         total += count * size
     return total
 
 
 def step_communication(tensors: Mapping[TensorKind, int], optim: str, rank: int | None, world: int) -> int:
-    """Bytes each rank all-reduces every step outside refreshes under FSDP2: Adafactor's column statistic and two
-    scalars per GaLore target, 4·(r + 2); none for the AdamW forms (or one process)."""
-    if world == 1 or optim not in GALORE_OPTIMIZERS or GALORE_OPTIMIZERS[optim].form != "adafactor":
+    """Bytes each rank exchanges every step outside refreshes under FSDP2 (all-gather results, all-reduce sizes),
+    beside FSDP2's own: per GaLore target its basis gathered (W·⌈r/W⌉×n in the weights' dtype: r·n values when W
+    divides r), for Adafactor its column statistic and two scalars (4·(r + 2)); and one float per trainable tensor,
+    the step's finite check. None of it for plain optimizers or one process."""
+    if world == 1 or optim not in GALORE_OPTIMIZERS:
         return 0
-    return sum(count * 4 * (effective_rank(t.shape, rank) + 2) for t, count in tensors.items() if t.target)
+    adafactor = GALORE_OPTIMIZERS[optim].form == "adafactor"
+    total = 0
+    for tensor, count in tensors.items():
+        per_tensor = 4  # the finite flag
+        if tensor.target:
+            r = effective_rank(tensor.shape, rank)
+            per_tensor += world * shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize
+            per_tensor += 4 * (r + 2) if adafactor else 0
+        total += count * per_tensor
+    return total
 
 
 def activation_bytes(

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import ProjType, RefreshMethod
-from .sharding import RowShard, all_gather_stacked, gather_rows, global_sum, world_size
+from .sharding import RowShard, gather_rows, global_sum, world_size
 
 
 def projection_sides(shape: tuple[int, ...], proj_type: ProjType) -> tuple[bool, bool]:
@@ -55,6 +55,24 @@ def projected_shape(shape: tuple[int, ...], rank: int, proj_type: ProjType) -> t
     return (r if left else shape[0], r if right else shape[1])
 
 
+TEST_MATRIX_BLOCK = 1024  # rows of the Gaussian test matrix drawn from one seed (see `test_matrix_rows`)
+
+
+def test_matrix_rows(start: int, stop: int, rows: int, k: int, seed: int, like: Tensor) -> Tensor:
+    """Rows [start, stop) of the rows×k Gaussian test matrix Ω of a refresh seeded by `seed`, the same whatever the
+    split: Ω is drawn in blocks of `TEST_MATRIX_BLOCK` rows, block b from its own generator seeded by (seed, b), so a
+    rank draws only the blocks its rows touch (transient memory ~1/W of Ω, not the whole m×k) and the global RNG
+    (dropout, data order) stays untouched."""
+    first, last = start // TEST_MATRIX_BLOCK, -(-stop // TEST_MATRIX_BLOCK)
+    blocks = []
+    for block in range(first, last):
+        generator = torch.Generator(device=like.device).manual_seed(seed * 1_000_003 + block)
+        size = min(TEST_MATRIX_BLOCK, rows - block * TEST_MATRIX_BLOCK)
+        blocks.append(torch.randn(size, k, generator=generator, device=like.device, dtype=like.dtype))
+    drawn = torch.cat(blocks) if blocks else like.new_zeros(0, k)
+    return drawn[start - first * TEST_MATRIX_BLOCK : stop - first * TEST_MATRIX_BLOCK]
+
+
 def randomized_right_basis(
     local_rows: Tensor,
     rank: int,
@@ -68,18 +86,19 @@ def randomized_right_basis(
     finder on Gᵀ (Halko et al., 2011), from `local_rows`: all of G, or rows [shard.offset, ...) of a row-sharded G.
 
     One algorithm for one process and for row shards, so both give the same basis to float error:
-    Ω is the same m×k Gaussian on every rank (k = rank + oversample, at most min(m, n); drawn whole from a generator
-    seeded by `seed`, each rank keeping its rows); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y));
-    Q = orth(Y) (n×k). Then the small SVD of B = G Q (m×k) by TSQR: each rank's R_i of B_i, stacked and reduced to one
-    k×k R (diagonal made non-negative, so it does not depend on how B was split), svd(R) = U S Vsᵀ. Last, one more
-    half power step on the r Ritz directions: the basis is orth(Gᵀ B Vs[:, :r])ᵀ = orth(GᵀG Q Vs[:, :r])ᵀ, each row's
-    sign chosen so that its largest entry is positive. Sketching the row space directly would otherwise lose half a
-    power iteration against sketching the column space (whose final Qᵀ G pass carries one); with this step it
-    captures as much energy as that, or more, for one extra pass over G with r columns.
+    Ω is the same m×k Gaussian whatever the split (k = rank + oversample, at most min(m, n); each rank draws its own
+    rows, `test_matrix_rows`); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y)); Q = orth(Y) (n×k).
+    Then the small SVD of B = G Q (m×k) from its k×k Gram matrix BᵀB = Σ_i B_iᵀ B_i, formed and eigendecomposed in
+    float64 (its eigenvectors are B's right singular vectors Vs; float64 keeps the squared condition number harmless).
+    Last, one more half power step on the r Ritz directions: the basis is orth(Gᵀ B Vs[:, :r])ᵀ = orth(GᵀG Q
+    Vs[:, :r])ᵀ, each row's sign chosen so that its largest entry is positive. Sketching the row space directly would
+    otherwise lose half a power iteration against sketching the column space (whose final Qᵀ G pass carries one);
+    with this step it captures as much energy as that, or more, for one extra pass over G with r columns.
 
-    Collectives (sharded only): 1 + power_iters all-reduces of n×k, one all-gather of W·k×k and one all-reduce of
-    n×r; their results are identical on every rank, so is the basis. Costs O(m·n·k) flops instead of the full SVD's
-    O(m·n·min(m, n)); the generator leaves the global RNG (dropout, data order) untouched.
+    Collectives (sharded only), all of a size that does not grow with the world size W: 1 + power_iters all-reduces
+    of n×k float32, one of k×k float64 and one of n×r float32; their results are identical on every rank, so is the
+    basis. The largest buffers are n×k and m_i×k (m_i = this rank's rows). Costs O(m·n·k) flops instead of the full
+    SVD's O(m·n·min(m, n)).
     """
     local_count, cols = local_rows.shape
     rows = local_count if shard is None else shard.global_rows
@@ -87,34 +106,21 @@ def randomized_right_basis(
     rank = min(rank, rows, cols)
     k = min(rank + oversample, rows, cols)
     matrix = local_rows.float()
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    omega = torch.randn(rows, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    sketch = global_sum(matrix.T @ omega[offset : offset + local_count], shard)
+    omega = test_matrix_rows(offset, offset + local_count, rows, k, seed, like=matrix)
+    sketch = global_sum(matrix.T @ omega, shard)
     for _ in range(power_iters):
         q, _ = torch.linalg.qr(sketch)
         sketch = global_sum(matrix.T @ (matrix @ q), shard)
     q, _ = torch.linalg.qr(sketch)
     small = matrix @ q
-    r_factor = _r_factor(small, k)
-    if world_size(shard) > 1:
-        r_factor = _r_factor(all_gather_stacked(r_factor, shard), k)
-    _, _, vh = torch.linalg.svd(r_factor)
-    basis = torch.linalg.qr(global_sum(matrix.T @ (small @ vh[:rank].T), shard)).Q.T
-    # Each direction is fixed up to sign, and LAPACK's choice can flip between two inputs equal to float error (it
-    # does when R is nearly block-diagonal): make each row's largest entry positive, so shards and one process agree.
+    wide = small.double()
+    _, vectors = torch.linalg.eigh(global_sum(wide.T @ wide, shard))  # eigenvalues ascending
+    ritz = vectors[:, -rank:].flip(-1).to(small.dtype)
+    basis = torch.linalg.qr(global_sum(matrix.T @ (small @ ritz), shard)).Q.T
+    # Each direction is fixed up to sign, and LAPACK's choice can flip between two inputs equal to float error: make
+    # each row's largest entry positive, so shards and one process agree.
     largest = basis.gather(1, basis.abs().argmax(dim=1, keepdim=True))
     return basis * torch.where(largest < 0, -1.0, 1.0)
-
-
-def _r_factor(matrix: Tensor, k: int) -> Tensor:
-    """The k×k R of a QR of an a×k matrix, with a non-negative diagonal (unique for full rank); zero rows pad it
-    when a < k (a short or empty row block)."""
-    r_factor = matrix.new_zeros(k, k)
-    if matrix.shape[0]:
-        r = torch.linalg.qr(matrix, mode="r").R
-        r_factor[: r.shape[0]] = r
-    signs = torch.where(r_factor.diagonal() < 0, -1.0, 1.0).to(r_factor.dtype)
-    return r_factor * signs.unsqueeze(1)
 
 
 def compute_bases(

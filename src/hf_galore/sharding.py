@@ -7,12 +7,15 @@ helper here takes one, and `shard=None` (or a group of one rank) means "not shar
 
 What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + oversample, r = rank, 4-byte floats):
 
-- right projection R_i = G_i Qᵀ and its back-projection N_i Q, with Q (r×n) replicated: local, no collective;
-  moments are row-sharded like the weight.
-- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k, one
-  all-gather of W·k×k (TSQR) and one all-reduce of n×r — O(n·k) bytes, never m×n.
+- right projection R_i = G_i Qᵀ and its back-projection N_i Q: local once Q (r×n) is whole on the rank. Q is kept
+  sharded (`shard_whole_like`: ⌈r/W⌉ of its rows per rank, a DTensor) and gathered just in time for its target
+  (`gather_whole`: one all-gather, r·n values received per target and step, dropped after the update); moments are
+  row-sharded like the weight. So every rank holds ~1/W of every target's state, bases included.
+- the step's finite check (`finite_flags`): one all-reduce of one float per parameter stepped, for the whole step.
+- randomized right-basis refresh (`projector.randomized_right_basis`): 1 + power_iters all-reduces of n×k, one of a
+  k×k float64 Gram matrix and one of n×r — O(n·k) bytes, never m×n, and nothing that grows with W.
 - exact refresh (`gather_rows`): one all-gather of the m×n gradient (padded to W·⌈m/W⌉ rows), then the same full
-  SVD on every rank.
+  SVD on every rank; one target at a time, so the transient is one m×n gradient whatever W.
 - left projection (`project_left`): Pᵀ G = Σ_i P_iᵀ G_i, an all-reduce of r×n every step, P row-sharded;
   back-projection P_i N is local.
 - Adafactor on R_i (m_i×r): row statistic local; column statistic = mean over all m rows (all-reduce of r floats);
@@ -24,8 +27,14 @@ What each piece of GaLore costs on a row-sharded m×n gradient G (k = rank + ove
   the global numel, not the shard's, or ranks (and an empty shard) disagree on the state's dtype.
 
 Decisions that must agree on every rank must use replicated values: a non-finite check on the local shard alone
-can make one rank skip a refresh while the others wait in its all-reduce. The bases are computed from all-reduced
-(identical) inputs, so checking them is enough.
+would make one rank skip an update (or a refresh, or an Adafactor reduction) the others take, so the step's flags are
+agreed in one all-reduce (`finite_flags`). The bases are computed from all-reduced (identical) inputs, so checking
+them is enough.
+
+Layouts: FSDP2 (a 1-D mesh, `Shard(0)`) and HSDP (a 2-D replicate × shard mesh, `(Replicate(), Shard(0))`: the
+collectives run over the shard dimension, and the replicas compute the same bases from the same reduced gradient).
+Anything else (tensor parallelism's column shards, strided shards, a weight sharded over two mesh dimensions) is
+refused by `row_shard`: GaLore's right projection needs each rank to hold whole rows of one contiguous block.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ __all__ = [
     "count_collectives",
     "finite_flags",
     "gather_rows",
+    "gather_whole",
     "global_mean",
     "global_rms",
     "global_sum",
@@ -61,6 +71,7 @@ __all__ = [
     "project_left",
     "row_shard",
     "shard_like",
+    "shard_whole_like",
     "world_size",
 ]
 
@@ -100,7 +111,9 @@ def row_shard(tensor: Tensor) -> RowShard | None:
     if len(sharded) != 1 or type(placements[sharded[0]]) is not Shard or placements[sharded[0]].dim != 0:
         raise ValueError(
             f"Invalid placements {placements} for GaLore's row sharding: expected Shard(0) on one mesh dimension "
-            "and Replicate() on the others (FSDP2 or HSDP)."
+            "and Replicate() on the others (FSDP2, or HSDP's replicate x shard mesh). GaLore projects each rank's "
+            "whole rows; tensor parallelism (column shards, or rows split over two mesh dimensions) leaves a rank "
+            "pieces of rows, so it is not supported: shard the optimized weights with fully_shard only."
         )
     mesh_dim = sharded[0]
     _, offset = Shard.local_shard_size_and_offset(tensor.shape[0], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
@@ -123,6 +136,32 @@ def shard_like(local: Tensor, param: Tensor) -> Tensor:
     shape = (param.shape[0], *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride)
+
+
+def shard_whole_like(whole: Tensor, param: Tensor) -> Tensor:
+    """`whole` (a tensor every rank computed whole: a basis Q, r×n) kept as a DTensor cut along its own rows over
+    the mesh dimension that shards `param` (replicated over HSDP's other one): each rank stores a ⌈r/W⌉×n block, so
+    per-rank basis memory falls as 1/W, and torch.distributed.checkpoint saves and reshards it like the moments.
+    `whole` itself when `param` is not a DTensor. `gather_whole` gives it back whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if row_shard(param) is None:
+        return whole
+    mesh, placements = param.device_mesh, param.placements
+    mesh_dim = next(dim for dim, p in enumerate(placements) if isinstance(p, Shard))
+    size, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    rows, offset = Shard.local_shard_size_and_offset(whole.shape[0], size, index)
+    local = whole[offset : offset + rows].clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=whole.shape, stride=whole.stride())
+
+
+def gather_whole(tensor: Tensor | None) -> Tensor | None:
+    """The whole tensor on this rank, just in time: a DTensor's `full_tensor()` (one all-gather of its rows over the
+    shard dimension, W·⌈r/W⌉×n for a basis: r·n elements received per target and step, r/m of FSDP2's own gather of
+    the m×n weight); a plain tensor (or None) as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def world_size(shard: RowShard | None) -> int:
