@@ -66,8 +66,8 @@ def _train(model, optimizer, steps: range, rank: int | None) -> None:
     batches = _batches()
     for step in steps:
         x, y = batches[step]
-        if rank is not None:  # each rank its half of the global batch
-            x, y = x[rank::WORLD], y[rank::WORLD]
+        if rank is not None:  # each rank its share of the global batch
+            x, y = x[rank :: dist.get_world_size()], y[rank :: dist.get_world_size()]
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
@@ -230,3 +230,45 @@ def test_requantizing_8bit_moments_moves_them_by_at_most_one_code_step():
         codes, constants = rule.requantize(moment_key, state[moment_key], scales)
         assert torch.equal(codes, state[moment_key])
         assert (constants <= state[constants_key]).all() and (constants >= 0.992 * state[constants_key]).all()
+
+
+# Resharding: checkpoints saved over 1, 2 and 4 processes, loaded over another number and continued, against one
+# process trained all 8 steps (the tolerance of tests/test_fsdp.py). AdamW with randomized refresh (the default).
+RESHARD = ("adamw", "randomized")
+
+
+def _continue_from(rank: int, directory: Path) -> dict[str, torch.Tensor]:
+    """A fresh sharded model and optimizer (other initial weights) load `directory` and train steps 5 to 8."""
+    model, optimizer = _sharded(*RESHARD[:1], _config(RESHARD[1]), seed=1)
+    _load(model, optimizer, directory, rank, dist.get_world_size())
+    _train(model, optimizer, range(SAVE_AT, STEPS), rank)
+    return {name: p.full_tensor() for name, p in model.named_parameters()}
+
+
+def _four_ranks(rank: int, two_rank_checkpoint: Path, directory: Path) -> dict:
+    """2 -> 4 from the module's 2-rank checkpoint; and a 4-rank run that saves after step 4 (for 4 -> 2)."""
+    resumed = _continue_from(rank, two_rank_checkpoint)
+    model, optimizer = _sharded(*RESHARD[:1], _config(RESHARD[1]))
+    _train(model, optimizer, range(SAVE_AT), rank)
+    _save(model, optimizer, directory, rank, dist.get_world_size())
+    return {"2->4": resumed}
+
+
+def _two_ranks(rank: int, four_rank_checkpoint: Path, one_process_checkpoint: Path) -> dict:
+    return {"4->2": _continue_from(rank, four_rank_checkpoint), "1->2": _continue_from(rank, one_process_checkpoint)}
+
+
+@pytest.mark.slow  # 4 + 2 processes, ~20 s on 2 cores
+def test_fsdp2_checkpoints_reshard_between_1_2_and_4_processes(sharded_runs, tmp_path):
+    form, method = RESHARD
+    reference = _model()
+    _train(reference, _optimizer(reference, form, _config(method, "right")), range(STEPS), None)
+    single = _model()  # 1 -> 2: one process (projected from the right, as FSDP2 projects) saves after step 4
+    optimizer = _optimizer(single, form, _config(method, "right"))
+    _train(single, optimizer, range(SAVE_AT), None)
+    _save(single, optimizer, tmp_path / "one", 0, 1)
+    four = run_on_ranks(tmp_path, _four_ranks, sharded_runs[1] / form / method, tmp_path / "four", world=4)
+    two = run_on_ranks(tmp_path, _two_ranks, tmp_path / "four", tmp_path / "one")
+    for case, weights in [*(("2->4", r["2->4"]) for r in four), *(c for r in two for c in r.items())]:
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(weights[name], param.detach(), atol=1e-4, rtol=0, msg=f"{case} {name}")
