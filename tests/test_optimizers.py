@@ -189,7 +189,8 @@ def test_svd_failure_on_first_refresh_gives_orthonormal_fallback(monkeypatch):
     def failing_svd(*args, **kwargs):
         raise torch.linalg.LinAlgError("failed to converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    for decomposition in ("svd", "eigh"):  # exact refresh: svd; randomized: eigh of the small Gram matrix
+        monkeypatch.setattr(torch.linalg, decomposition, failing_svd)
     with pytest.warns(UserWarning, match="the SVD failed .*; starting from coordinate axes"):
         train(model, opt, batches(1))
     basis = opt.state[model[0].weight][RIGHT_BASIS]
@@ -206,7 +207,8 @@ def test_svd_failure_keeps_previous_basis(monkeypatch):
     def failing_svd(*args, **kwargs):
         raise torch.linalg.LinAlgError("failed to converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    for decomposition in ("svd", "eigh"):  # exact refresh: svd; randomized: eigh of the small Gram matrix
+        monkeypatch.setattr(torch.linalg, decomposition, failing_svd)
     with pytest.warns(UserWarning, match="the SVD failed"):
         train(model, opt, batches(1, seed=5))
     assert torch.equal(opt.state[model[0].weight][RIGHT_BASIS], basis)

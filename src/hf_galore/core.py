@@ -40,6 +40,7 @@ from .sharding import (
     gather_whole,
     global_sum,
     local_tensor,
+    one_ahead,
     row_shard,
     shard_like,
     shard_whole_like,
@@ -333,11 +334,15 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             for param in group["params"]
             if param.grad is not None
         ]
+        updated = []
         for (param, group), finite in zip(stepped, self._finite([param for param, _ in stepped])):
             if finite:
-                self._update_parameter(param, group)
+                updated.append((param, group))
             else:
                 self._skip(param)
+        # Sharded bases: the next parameter's gather is issued before this one's update, so it can overlap it.
+        for (param, group), bases in one_ahead(updated, lambda item: self._stored_bases(*item)):
+            self._update_parameter(param, group, bases)
         self._warn_skipped()
         return loss
 
@@ -361,23 +366,38 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         agree = any(row_shard(param) is not None for param in params)
         return finite_flags([local_tensor(param.grad) for param in params], agree=agree)
 
-    def _update_parameter(self, param: Tensor, group: dict[str, Any]) -> None:
-        """One parameter's update from its finite gradient. Under FSDP2 (a `Shard(0)` DTensor) it works on the local
-        rows (see `sharding`)."""
+    def _clock(self, state: dict[str, Any]) -> int:
+        """The step count refreshes are scheduled by: the Trainer's (`set_refresh_clock`) or the tensor's own."""
+        return state.get(STEP, 0) if self._refresh_clock is None else self._refresh_clock
+
+    def _stored_bases(self, param: Tensor, group: dict[str, Any]) -> tuple[Tensor | None, Tensor | None] | None:
+        """The (left, right) bases `param`'s update will use, whole (sharded ones gathered, `gather_whole`); None
+        when it has none to reuse (not a GaLore target, or a refresh is due: the refresh makes new ones)."""
+        state = self.state.get(param, {})
+        if not is_galore_group(group) or NEXT_REFRESH not in state or self._clock(state) >= state[NEXT_REFRESH]:
+            return None
+        return gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS))
+
+    def _update_parameter(
+        self, param: Tensor, group: dict[str, Any], bases: tuple[Tensor | None, Tensor | None] | None = None
+    ) -> None:
+        """One parameter's update from its finite gradient, with `_stored_bases` (gathered here when not given).
+        Under FSDP2 (a `Shard(0)` DTensor) it works on the local rows (see `sharding`); the gathered bases are
+        dropped after this parameter's update."""
         shard = row_shard(param)
         weight, grad = local_tensor(param), local_tensor(param.grad)
+        bases = bases or self._stored_bases(param, group)
         state = self.state[param]
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
-        clock = step if self._refresh_clock is None else self._refresh_clock
+        clock = self._clock(state)
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
         full_grad, left, right = grad, None, None
         if galore:
-            if NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH]:
+            if bases is None:  # a refresh is due
                 proj_type = self._proj_type(param, group, row_sharded=shard is not None)
-                left, right = self._refresh(param, full_grad, state, group, clock, proj_type, shard)
-            else:  # sharded bases are gathered for this parameter only, and dropped after its update
-                left, right = gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS))
+                bases = self._refresh(param, full_grad, state, group, clock, proj_type, shard)
+            left, right = bases
             grad = project(full_grad, left, right)
         step += 1
         state[STEP] = step
@@ -449,12 +469,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         start = time.perf_counter()
         bases, problem = self._new_bases(grad, group, proj_type, shard, seed=clock)
         old = (gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS)))
+        overlap = self._record_refresh(old, bases, time.perf_counter() - start)
         if problem is not None:
             action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
             warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
-            if old == (None, None):
-                bases = identity_bases(tuple(param.shape), group["rank"], proj_type, like=grad)
-        overlap = self._record_refresh(old, bases, time.perf_counter() - start)
+            bases = old if old != (None, None) else identity_bases(param.shape, group["rank"], proj_type, like=grad)
         for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
             if basis is not None:
                 state[key] = shard_whole_like(basis, param) if key == RIGHT_BASIS else basis

@@ -39,7 +39,7 @@ refused by `row_shard`: GaLore's right projection needs each rank to hold whole 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +68,7 @@ __all__ = [
     "global_sum",
     "local_tensor",
     "mean_over_rows",
+    "one_ahead",
     "project_left",
     "row_shard",
     "shard_like",
@@ -162,6 +163,16 @@ def gather_whole(tensor: Tensor | None) -> Tensor | None:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def one_ahead(items: Sequence[Any], start: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """Each item with `start(item)`, where `start` of the next item runs before the current one is handed out: a
+    collective it issues (DTensor lowers `gather_whole` to functional collectives, waited on first use) can run while
+    the caller works on the current item. At most two results are alive at a time."""
+    pending = start(items[0]) if items else None
+    for index, item in enumerate(items):
+        current, pending = pending, start(items[index + 1]) if index + 1 < len(items) else None
+        yield item, current
 
 
 def world_size(shard: RowShard | None) -> int:
