@@ -1,6 +1,7 @@
-"""GaLore on FSDP2 (2 gloo processes on CPU): state, memory, optimizer traffic and step time per rank.
+"""GaLore on FSDP2 (2 or 4 gloo processes on CPU): state, memory, optimizer traffic and step time per rank.
 
     python benchmarks/fsdp.py            # the LLaMA-60M preset, rank 128 (about 5 minutes on 2 CPU cores)
+    python benchmarks/fsdp.py --world 4  # the same over 4 processes (writes results/fsdp_w4.json)
     python benchmarks/fsdp.py --quick    # the llama-tiny preset, rank 8 (seconds; what the test suite runs)
 
 Every rank builds the same random-init model, shards each decoder layer and then the model with `fully_shard` (what
@@ -55,7 +56,6 @@ from hf_galore.report import MIB
 from hf_galore.report import format_table as render_table
 from hf_galore.sharding import CommRecord, count_collectives, row_shard
 
-WORLD = 2
 ADAMW = "FSDP2 + torch AdamW"
 RANDOMIZED = "galore_adamw (randomized)"
 EXACT = "galore_adamw (exact)"
@@ -211,7 +211,7 @@ def memory_on_ranks(rank: int, world: int, setup: dict) -> dict:
     after_model = peak_rss_mib()
     optimizer = optimizers(setup["galore_rank"], setup["gap"])[RANDOMIZED](model)
     steps = setup["gap"] + 1  # includes a refresh after the first
-    data = tokens(model.config.vocab_size, steps, WORLD, setup["seq"])
+    data = tokens(model.config.vocab_size, steps, setup["world"], setup["seq"])
     after_backward = 0.0
     for step in range(steps):
         ids = data[step] if world == 1 else data[step, rank : rank + 1]
@@ -273,8 +273,8 @@ def launch(world: int, body: Callable, setup: dict) -> list[dict]:
 
 
 def measure(setup: dict) -> dict:
-    ranks = launch(WORLD, compare_on_ranks, setup)
-    sharded = launch(WORLD, memory_on_ranks, setup)
+    ranks = launch(setup["world"], compare_on_ranks, setup)
+    sharded = launch(setup["world"], memory_on_ranks, setup)
     (single,) = launch(1, memory_on_ranks, setup)
     gap, first = setup["gap"], ranks[0]
     one_process = {ADAMW: single["adamw_state_bytes"], RANDOMIZED: single["galore_state_bytes"]}
@@ -310,7 +310,7 @@ def measure(setup: dict) -> dict:
             for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         },
         "params": single["params"],
-        "world": WORLD,
+        "world": setup["world"],
         "rank": setup["galore_rank"],
         "update_proj_gap": gap,
         "targets": f"attn,mlp ({first['targets']['count']} weights)",
@@ -328,7 +328,7 @@ def measure(setup: dict) -> dict:
             "peak_rss_after_first_backward_mib_per_rank": [r["peak_rss_after_first_backward_mib"] for r in sharded],
             "peak_rss_after_first_backward_mib_one_process": single["peak_rss_after_first_backward_mib"],
         },
-        "machine": machine() + f"; {WORLD} gloo ranks, 1 thread each",
+        "machine": machine() + f"; {setup['world']} gloo ranks, 1 thread each",
         "date": date.today().isoformat(),
         "results": rows,
     }
@@ -406,8 +406,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gap", type=int, default=None, help="update_proj_gap (default 3; 2 quick)")
     parser.add_argument("--cycles", type=int, default=None, help="timed refresh cycles after the counted one (3; 1)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per rank per step (default 64; 16 quick)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "fsdp.json")
+    parser.add_argument("--world", type=int, default=2, help="gloo processes FSDP2 shards over (default 2)")
+    parser.add_argument("--output", type=Path, default=None, help="default results/fsdp.json (fsdp_w4.json for 4)")
     args = parser.parse_args(argv)
+    if args.world < 2:
+        parser.error(f"Invalid --world {args.world}: needs >= 2 processes to shard over.")
+    name = "fsdp.json" if args.world == 2 else f"fsdp_w{args.world}.json"
+    output = args.output or Path(__file__).parent / "results" / name
     gap = args.gap or (2 if args.quick else 3)
     if gap < 2:
         parser.error(f"Invalid --gap {gap}: needs >= 2 for a step between refreshes.")
@@ -418,10 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": gap * (1 + (args.cycles or (1 if args.quick else 3))) + 1,
         "seq": args.seq or (16 if args.quick else 64),
         "quiet": args.quick,
+        "world": args.world,
     }
     report = measure(setup)
     print(format_table(report))
-    write_report(report, args.output)
+    write_report(report, output)
     return report
 
 

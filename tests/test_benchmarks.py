@@ -62,12 +62,13 @@ def test_fsdp_plan_benchmark_quick(tmp_path, capsys):
         one, two = plans[optimizer, 1], plans[optimizer, 2]
         assert one["fsdp"] is None and one["fsdp_buffers"] == 0 and two["fsdp"] == 2 and two["fsdp_buffers"] > 0
         assert two["weights"] < one["weights"] and two["gradients"] < one["gradients"]
-    # GaLore's bases are replicated: its state shrinks less than AdamW's does when sharded
+    # GaLore's bases are sharded too: its state halves as AdamW's does (⌈·/2⌉ rows: at most a little more; one
+    # process's `std` keeps r×min(m, n) bases where FSDP2 keeps r×n, so GaLore's ratio may also come out lower)
     galore, adamw = (
         plans["GaLore", 2]["optimizer_state"] / plans["GaLore", 1]["optimizer_state"],
         plans["AdamW", 2]["optimizer_state"] / plans["AdamW", 1]["optimizer_state"],
     )
-    assert adamw < galore < 1
+    assert 0.45 <= galore <= 0.51 and 0.45 <= adamw <= 0.51
     assert plans["GaLore", 2]["refresh_communication"] > 0 and plans["AdamW", 2]["refresh_communication"] is None
 
 
@@ -81,13 +82,14 @@ def test_fsdp_benchmark_quick(tmp_path, capsys):
     randomized, exact = results["galore_adamw (randomized)"], results["galore_adamw (exact)"]
     # Counted bytes, per step of the first cycle (refresh, between..., refresh).
     assert adamw["bytes_per_step"] == [0] * (gap + 1)
-    for row in (randomized, exact):  # no collective at all between refreshes; a refresh exchanges something
-        assert row["calls_per_step"][1:gap] == [0] * (gap - 1) and row["between_bytes"] == 0
-        assert row["refresh_bytes"] > 0 and row["bytes_per_step"][0] == row["refresh_bytes"]
+    for row in (randomized, exact):  # between refreshes: the finite flags, then each target's basis gathered
+        assert row["calls_per_step"][1:gap] == [1 + 14] * (gap - 1)
+        assert 0 < row["between_bytes"] < gather["between_bytes"] / 2
+        assert row["refresh_bytes"] > 0 and row["bytes_per_step"][0] > 0
     # Gathering every m×n float32 gradient moves 4·m·n·(W−1)/W per target at every step, counted, not assumed;
-    # the exact refresh gathers each gradient once (plus a 4-byte finiteness flag per target).
+    # the exact refresh gathers each gradient once, beside the step's flags and the old bases (for their overlap).
     assert gather["bytes_per_step"] == [formula] * (gap + 1)
-    assert formula <= exact["refresh_bytes"] <= formula + 4 * 14
+    assert exact["refresh_bytes"] == formula + exact["between_bytes"]
     assert randomized["refresh_bytes"] < gap * gather["between_bytes"]  # less than gathering over one interval
     # State per rank: below one process; AdamW's moments split exactly; gathering keeps GaLore's state whole.
     for row in (adamw, randomized, exact, gather):
