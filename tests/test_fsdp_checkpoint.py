@@ -29,6 +29,7 @@ from hf_galore.sharding import block_scales_by_value, blocks_by_row, blocks_from
 STEPS, SAVE_AT, GAP, RANK = 8, 4, 3, 3
 FORMS = {
     "adamw": lambda params, **kw: GaLoreAdamW(params, lr=1e-2, weight_decay=0.01, **kw),
+    "adamw_layerwise": lambda params, **kw: GaLoreAdamW(params, lr=1e-2, weight_decay=0.01, layerwise=True, **kw),
     "adamw8bit": lambda params, **kw: GaLoreAdamW8bit(params, lr=1e-2, min_8bit_size=16, **kw),
     "adafactor": lambda params, **kw: GaLoreAdafactor(
         params, lr=1e-2, beta1=0.9, relative_step=False, scale_parameter=False, **kw
@@ -36,7 +37,12 @@ FORMS = {
 }
 METHODS = ("exact", "randomized")
 GROUP = {"betas": (0.9, 0.999), "eps": 1e-8}
-CASES = [(form, method) for form in FORMS for method in METHODS if form != "adamw8bit" or method == "exact"]
+CASES = [
+    (form, method)
+    for form in FORMS
+    for method in METHODS
+    if form not in ("adamw8bit", "adamw_layerwise") or method == ("exact" if form == "adamw8bit" else "randomized")
+]
 IDS = [f"{form}-{method}" for form, method in CASES]
 
 

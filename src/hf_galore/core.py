@@ -475,7 +475,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
             bases = old if old != (None, None) else identity_bases(param.shape, group["rank"], proj_type, like=grad)
         for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
-            if basis is not None:
+            if basis is not None:  # only unsharded weights have a left basis (`resolve_proj_type`)
                 state[key] = shard_whole_like(basis, param) if key == RIGHT_BASIS else basis
         offset = None
         if group["stagger"] and NEXT_REFRESH not in state:

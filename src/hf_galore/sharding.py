@@ -157,12 +157,16 @@ def shard_whole_like(whole: Tensor, param: Tensor) -> Tensor:
 
 
 def gather_whole(tensor: Tensor | None) -> Tensor | None:
-    """The whole tensor on this rank, just in time: a DTensor's `full_tensor()` (one all-gather of its rows over the
-    shard dimension, W·⌈r/W⌉×n for a basis: r·n elements received per target and step, r/m of FSDP2's own gather of
-    the m×n weight); a plain tensor (or None) as it is."""
-    from torch.distributed.tensor import DTensor
+    """The whole tensor on this rank, just in time: a DTensor redistributed to `Replicate()` (one all-gather of its
+    rows over the shard dimension, W·⌈r/W⌉×n for a basis: r·n elements received per target and step, r/m of FSDP2's
+    own gather of the m×n weight); a plain tensor (or None) as it is. The gather is issued asynchronously (a
+    functional collective, waited on at first use: `full_tensor()` would wait at once), so work done before that
+    use overlaps it."""
+    from torch.distributed.tensor import DTensor, Replicate
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim, async_op=True).to_local()
 
 
 def one_ahead(items: Sequence[Any], start: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
