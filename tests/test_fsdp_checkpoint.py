@@ -125,7 +125,9 @@ def _sharded(form: str, config: GaLoreConfig, seed: int = 0):
 
 
 def _schedule(optimizer) -> list[tuple[int, int | None]]:
-    return [(s[STEP], s.get(NEXT_REFRESH)) for s in optimizer.state.values()]
+    """Each parameter's step and next refresh, in the groups' order (layer-wise state is created in backward order)."""
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
+    return [(s[STEP], s.get(NEXT_REFRESH)) for s in states]
 
 
 def _save_and_resume(rank: int, form: str, method: str, directory: Path) -> dict:
