@@ -173,6 +173,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
+        self._frozen_here: list[Tensor] = []  # what others=frozen turned off (trainable before): unfreeze_others()
         if galore_params is not None:
             params = split_galore_groups(params, galore_params, as_galore_config(galore_config), inner)
         elif galore_config is not None:
@@ -244,6 +245,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.has_hooks:  # layer-wise, hooked already: the new group's tensors update from backward too
+            self.register_hooks()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -288,6 +291,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 more,
             )
 
+    def unfreeze_others(self) -> None:
+        """Give back `requires_grad=True` to the tensors `others=frozen` turned off (those trainable before), so the
+        model leaves training as it came (the Trainer integration calls this when `train()` ends, however it ends)."""
+        for param in self._frozen_here:
+            param.requires_grad_(True)
+
+    def freeze_others(self) -> None:
+        """Turn `requires_grad` off again on the tensors of `others=frozen` groups (`train()` called again)."""
+        for param in self._frozen_here:
+            param.requires_grad_(False)
+
     def _validate_inner_key(self, group: dict[str, Any]) -> bool:
         """Check a group's `inner` key; freeze a `frozen` group's parameters. Whether the group is trained."""
         form = group.get("inner")
@@ -301,6 +315,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "rule; `inner` is for plain groups (GaLoreConfig.others)."
             )
         if form == FROZEN:
+            self._frozen_here.extend(p for p in group["params"] if p.requires_grad)
             for param in group["params"]:
                 param.requires_grad_(False)
             return False
