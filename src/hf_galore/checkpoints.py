@@ -53,7 +53,7 @@ def unreadable_checkpoint_reason(path: str) -> str | None:
     with open(path, "rb") as handle:
         head = handle.read(2)
     if size == 0:
-        return f"{path} is empty (0 bytes): the save that created it was cut short before writing it"
+        return f"{path} is empty (0 bytes): the save that created it was cut short"
     if head == b"PK":
         return f"{path} is truncated ({size:,} bytes, its zip directory is missing): the save writing it was cut short"
     if head[:1] == b"\x80":
