@@ -6,20 +6,29 @@ warning naming it, an explicit one is refused naming the file), never a fresh op
 (HF_GALORE_FRESH_OPTIMIZER), never an optimizer file saved with another step; a changed gradient accumulation warns.
 """
 
+import contextlib
+import io
 import json
+import multiprocessing
 import os
+import random
 import shutil
+import signal
+import time
+import warnings
 
 import pytest
 import torch
 from accelerate.state import GradientState
 from conftest import OPTIMIZERS, batches, galore_groups, tiny_llama, tiny_mlp
 from conftest import train as train_loop
+from ranks import FORKSERVER_PRELOAD
 from test_trainer import RandomTokens, losses, make_args, train
 from transformers import Trainer
 
 from hf_galore import GaLoreAdamW, GaLoreConfig
 from hf_galore.callback import optimizer_steps
+from hf_galore.checkpoints import checkpoint_problem
 from hf_galore.state_keys import is_frozen_group
 
 SAVED = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "max_grad_norm": 0.0}
@@ -295,3 +304,69 @@ def test_a_changed_gradient_accumulation_warns_on_resume(run_dir, galore_log):
     _resume(run_dir, str(run_dir / "checkpoint-4"), gradient_accumulation_steps=2, max_steps=5)
     warned = [r.getMessage() for r in galore_log if r.levelname == "WARNING"]
     assert any("with gradient_accumulation_steps=2; it was saved with 1" in m for m in warned), warned
+
+
+# ---- a real training process killed mid-save -----------------------------------------------------------------------
+
+
+def _kill_while_saving(step):
+    """SIGKILL this process once half of checkpoint-`step`/optimizer.pt is on disk (the bytes a killed save leaves)."""
+    save = torch.save
+
+    def save_then_die(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join(f"checkpoint-{step}", "optimizer.pt")):
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            with open(f, "wb") as handle:
+                handle.write(buffer.getvalue()[: buffer.tell() // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = save_then_die
+
+
+def _train_in_child(folder, kill_step):
+    if kill_step is not None:
+        _kill_while_saving(kill_step)
+    train(folder, "galore_adamw", **SAVED)
+
+
+def _start_training(folder, kill_step=None):
+    """The saved run in a process of its own, started by the fork server tests/ranks.py uses (torch and hf_galore
+    imported once; a plain fork of this process, which has used OpenMP, can hang)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    process = context.Process(target=_train_in_child, args=(folder, kill_step))
+    process.start()
+    return process
+
+
+def test_a_training_process_killed_mid_save_resumes_from_its_last_complete_checkpoint(tmp_path, saved_run):
+    process = _start_training(tmp_path, kill_step=6)
+    process.join(timeout=120)
+    assert process.exitcode == -signal.SIGKILL
+    assert not (tmp_path / "checkpoint-6" / "trainer_state.json").exists()
+    with pytest.warns(UserWarning, match=r"Resuming from .*checkpoint-4, .*checkpoint-6 has no trainer_state\.json"):
+        resumed = _resume(tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), saved_run[1]))
+
+
+@pytest.mark.slow  # about 10 s a trial: training processes killed at random moments, as the crash trial did
+@pytest.mark.parametrize("trial", range(4))
+def test_a_training_process_killed_at_a_random_moment_resumes_to_the_same_weights(trial, tmp_path, saved_run):
+    process = _start_training(tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoint-2").exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(trial).uniform(0.0, 1.0))  # the 4 steps left take about a second
+    with contextlib.suppress(ProcessLookupError):  # it may have finished
+        os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=30)
+    if not any(checkpoint_problem(str(c)) is None for c in tmp_path.glob("checkpoint-*")):
+        with pytest.raises(ValueError, match=r"none of its \d checkpoint folder\(s\) is complete"):
+            _resume(tmp_path)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a skipped half-written folder, when the kill came mid-save
+        resumed = _resume(tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), saved_run[1]))
