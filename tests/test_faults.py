@@ -22,7 +22,7 @@ import torch
 from accelerate.state import GradientState
 from conftest import OPTIMIZERS, batches, galore_groups, tiny_llama, tiny_mlp
 from conftest import train as train_loop
-from ranks import FORKSERVER_PRELOAD
+from ranks import FORKSERVER_PRELOAD, WORLD, run_on_ranks
 from test_trainer import RandomTokens, losses, make_args, train
 from transformers import Trainer
 
@@ -370,3 +370,35 @@ def test_a_training_process_killed_at_a_random_moment_resumes_to_the_same_weight
         warnings.simplefilter("ignore")  # a skipped half-written folder, when the kill came mid-save
         resumed = _resume(tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), saved_run[1]))
+
+
+# ---- layer-wise on a model the prepare replicated ------------------------------------------------------------------
+
+
+def _layerwise_under_fsdp_flag(rank, folder):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    args = make_args(folder / str(rank), "galore_adamw_layerwise", fsdp="full_shard", max_grad_norm=0.0, max_steps=2)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens())
+    before = _clone(trainer.model)
+    try:
+        trainer.train()
+        error = None
+    except NotImplementedError as err:
+        error = str(err)
+    return {
+        "error": error,
+        "prepared": type(trainer.model_wrapped).__name__,
+        "hooks": trainer.optimizer.optimizer.has_hooks,
+        "unchanged": all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before)),
+    }
+
+
+def test_layerwise_is_refused_when_the_fsdp_flag_ends_in_ddp(tmp_path):
+    # On CPU accelerate cannot shard and wraps the model in DDP, though --fsdp passed the flag-based check.
+    for outcome in run_on_ranks(tmp_path, _layerwise_under_fsdp_flag, tmp_path):
+        assert outcome["prepared"] == "DistributedDataParallel"
+        assert "Layer-wise galore_adamw_layerwise cannot run on parameters replicated over 2 processes (DDP)" in (
+            outcome["error"] or ""
+        )
+        assert outcome["unchanged"] and not outcome["hooks"]
