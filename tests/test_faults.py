@@ -23,7 +23,7 @@ from accelerate.state import GradientState
 from conftest import OPTIMIZERS, batches, galore_groups, tiny_llama, tiny_mlp
 from conftest import train as train_loop
 from ranks import FORKSERVER_PRELOAD, WORLD, run_on_ranks
-from test_trainer import RandomTokens, losses, make_args, train
+from test_trainer import NaNAtStep3, RandomTokens, losses, make_args, train
 from transformers import Trainer
 
 from hf_galore import GaLoreAdamW, GaLoreConfig
@@ -298,6 +298,28 @@ def test_an_optimizer_file_from_another_step_is_refused(run_dir):
         r"step 4\), so the optimizer file belongs to another checkpoint",
     ):
         _resume(run_dir, str(run_dir / "checkpoint-4"))
+
+
+def test_without_the_record_an_optimizer_file_from_another_step_is_warned(run_dir, galore_log):
+    # a checkpoint saved before hf_galore recorded the optimizer's step count in trainer_state.json
+    checkpoint = run_dir / "checkpoint-4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["stateful_callbacks"]["GaLoreCallback"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    shutil.copy(run_dir / "checkpoint-2" / "optimizer.pt", checkpoint / "optimizer.pt")
+    _resume(run_dir, str(checkpoint))
+    warned = [r.getMessage() for r in galore_log if r.levelname == "WARNING"]
+    assert any("optimizer.pt has trained 2 steps and trainer_state.json says global step 4" in m for m in warned)
+
+
+def test_steps_whose_updates_were_all_skipped_do_not_make_a_checkpoint_look_foreign(tmp_path, galore_log):
+    # NaNAtStep3: every update of step 3 skipped, so the optimizer has trained 3 steps at global step 4
+    common = {**SAVED, "save_steps": 4}
+    with pytest.warns(UserWarning, match="skipped the update"):
+        train(tmp_path, "galore_adamw", trainer_cls=NaNAtStep3, **{**common, "max_steps": 4})
+    resumed = train(tmp_path, "galore_adamw", resume=str(tmp_path / "checkpoint-4"), **common)
+    assert optimizer_steps(resumed.optimizer.optimizer) == 5
+    assert not [r for r in galore_log if r.levelname == "WARNING"]
 
 
 def test_a_changed_gradient_accumulation_warns_on_resume(run_dir, galore_log):
