@@ -81,6 +81,13 @@ class Resumable:
         zero-gradient, lr=0 step torch.distributed.checkpoint takes to create a template state) leaves no trace:
         its state is replaced, and its refresh and skip telemetry is dropped.
         """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            found = sorted(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"Cannot resume: expected an optimizer state dict (a dict with 'state' and 'param_groups', as "
+                f"optimizer.state_dict() returns), got {found}. Was the file written by torch.save(optimizer."
+                "state_dict())? A model's state dict or a whole checkpoint folder's file does not fit here."
+            )
         state_dict = self._unpack_block_constants(state_dict)
         self._check_resumable(state_dict)
         self._refresh_clock = None  # the checkpoint's schedule counts the steps of the run that saved it
@@ -146,6 +153,7 @@ class Resumable:
     def _check_resumable(self, state_dict: dict[str, Any]) -> None:
         fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
         saved_groups = state_dict["param_groups"]
+        self._check_same_optimizer(state_dict, fresh)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Cannot resume: the checkpoint's optimizer has {len(saved_groups)} param groups, this one has "
@@ -177,12 +185,27 @@ class Resumable:
                 self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
         self._check_finite(state_dict)
 
+    def _check_same_optimizer(self, state_dict: dict[str, Any], fresh: str) -> None:
+        """A checkpoint of a plain optimizer (no param group with `rank`: `--optim adamw_torch` and the like) loaded
+        into one with GaLore groups: say that the optimizer changed, naming both, before any group count differs."""
+        if any(is_galore_group(group) for group in state_dict["param_groups"]):
+            return
+        if not any(is_galore_group(group) for group in self.param_groups):
+            return
+        keys = sorted({key for state in state_dict["state"].values() for key in state})
+        held = f"per-parameter state {', '.join(keys)}" if keys else "no per-parameter state yet"
+        raise ValueError(
+            f"Cannot resume: the optimizer changed. The checkpoint was saved by a plain optimizer (no GaLore param "
+            f"group; {held}: e.g. --optim adamw_torch, adamw_bnb_8bit or adafactor), and this one is "
+            f"{type(self).__name__} with GaLore groups (--optim galore_*). Resume with the checkpoint's --optim, "
+            f"{fresh}."
+        )
+
     def _same_projection(self, saved: dict[str, Any], group: dict[str, Any], key: str, states: dict[Any, Any]) -> bool:
-        """Whether a `proj_type` named differently gives every weight of the group the projection it was saved with:
-        an FSDP2 run projects sharded weights from the right whatever `std` would pick, so `std` there is `right`
-        in one process (and vice versa). Decided on keys and global shapes, the same on every rank."""
-        if key != "proj_type":
-            return False
+        """Whether a `rank` or `proj_type` given differently leaves every weight of the group the state it was saved
+        with: a rank clipped to min(m, n) (128 and 32 both give 32 on a 32×32 weight), or an FSDP2 run, which projects
+        sharded weights from the right whatever `std` would pick (so `std` there is `right` in one process, and vice
+        versa). Decided on keys and global shapes, the same on every rank."""
         pairs = [(param, states.get(param_id, {})) for param_id, param in zip(saved["params"], group["params"])]
         return all(self._layout_matches(param, group, state) for param, state in pairs if state)
 
