@@ -160,25 +160,31 @@ class Resumable:
                 f"{len(self.param_groups)}. The target selection (optim_target_modules), the trainable parameters "
                 f"or the weight-decay split changed since it was saved. Resume with the same settings, {fresh}."
             )
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            where = f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
+        groups = list(enumerate(zip(saved_groups, self.param_groups)))
+        where = {
+            index: f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
+            for index, (_, group) in groups
+        }
+        for index, (saved, group) in groups:  # every count first: another model (more layers) is not a state mismatch
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
-                    f"Cannot resume: {where} held {len(saved['params'])} tensors in the checkpoint. The target "
-                    f"selection or the trainable parameters changed since it was saved. Resume with the same "
-                    f"settings, {fresh}."
+                    f"Cannot resume: {where[index]} held {len(saved['params'])} tensors in the checkpoint. The model "
+                    f"(its number of layers), the target selection or the trainable parameters changed since it was "
+                    f"saved. Resume with the same model and settings, {fresh}."
                 )
+        for index, (saved, group) in groups:
+            here = where[index]
             if is_galore_group(saved) != is_galore_group(group):
                 was, now = ("GaLore", "a plain group") if is_galore_group(saved) else ("a plain group", "GaLore")
                 raise ValueError(
-                    f"Cannot resume: {where} is {now} now but was {was} in the checkpoint (saved by a different "
+                    f"Cannot resume: {here} is {now} now but was {was} in the checkpoint (saved by a different "
                     f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
                 )
             for key in LAYOUT_KEYS if is_galore_group(group) else ():
                 if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
                     raise ValueError(
                         f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
-                        f"{key}={saved[key]!r} ({where}), and its moments and bases have that shape. Resume with "
+                        f"{key}={saved[key]!r} ({here}), and its moments and bases have that shape. Resume with "
                         f"{key}={saved[key]!r}, {fresh}."
                     )
             for param_id, param in zip(saved["params"], group["params"]):
