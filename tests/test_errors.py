@@ -12,7 +12,14 @@ import pytest
 import torch
 from conftest import batches, galore_groups, tiny_llama, tiny_mlp, train
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, select_targets
+from hf_galore import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    expected_state_bytes,
+    select_targets,
+)
 from hf_galore.cli import main
 
 TINY = ["--preset", "llama-tiny"]
@@ -115,6 +122,11 @@ CASES = {
         r"Invalid rank=np\.float64\(2\.0\)\. Must be an int >= 1\.",
     ),
     "rank-torch-vector": (lambda _: GaLoreConfig(rank=torch.tensor([4])), ValueError, r"Invalid rank=tensor\(\[4\]\)"),
+    "rank-planned-float": (
+        lambda _: expected_state_bytes((4, 4), form="adamw", rank=2.0),
+        ValueError,
+        r"^Invalid rank=2\.0\. Must be an int >= 1\.$",
+    ),
     "param-names-reversed": (
         lambda _: GaLoreAdamW(tiny_mlp().parameters(), param_names=dict(tiny_mlp().named_parameters())),
         TypeError,
@@ -269,6 +281,8 @@ def test_integer_ranks_of_numpy_and_torch_are_ints(rank):
     and logs hold no numpy or torch scalar), and training equals the int rank's step for step."""
     assert type(GaLoreConfig(rank=rank).rank) is int and GaLoreConfig(rank=rank).rank == 4
     assert len(select_targets(tiny_llama(), "attn", rank=rank)) == 8
+    planned = expected_state_bytes((64, 32), form="adamw", rank=rank)
+    assert type(planned) is int and planned == expected_state_bytes((64, 32), form="adamw", rank=4)
     runs = []
     for given in (4, rank):
         model = tiny_mlp()

@@ -46,14 +46,21 @@ def as_real(value: Any) -> float | None:
     return float(value)
 
 
+def checked_rank(rank: Any) -> int:
+    """`rank` as a Python int (see `as_int`), or a `ValueError` naming it: every reader of a rank goes through here."""
+    value = as_int(rank)
+    if value is None or value < 1:
+        raise ValueError(f"Invalid rank={rank!r}. Must be an int >= 1.")
+    return value
+
+
 def validate_galore_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Raise a `ValueError` naming the first bad option, its value and what would be accepted; return the numeric
     options as plain Python numbers (a numpy or 0-d torch integer rank becomes an int)."""
     parsed = {key: as_int(options[key]) for key in INT_OPTIONS}
     parsed.update({key: as_real(options[key]) for key in REAL_OPTIONS})
-    rank, gap, scale = parsed["rank"], parsed["update_proj_gap"], parsed["scale"]
-    if rank is None or rank <= 0:
-        raise ValueError(f"Invalid rank={options['rank']!r}. Must be an int >= 1.")
+    parsed["rank"] = checked_rank(options["rank"])
+    gap, scale = parsed["update_proj_gap"], parsed["scale"]
     if gap is None or gap <= 0:
         raise ValueError(
             f"Invalid update_proj_gap={options['update_proj_gap']!r}. Must be an int >= 1 (optimizer steps between "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from .config import as_int
+from .config import checked_rank
 from .inner import InnerForm, InnerUpdate
 from .log import warn_at_caller
 from .memory import expected_state_bytes
@@ -416,10 +416,7 @@ def format_target_table(
     matrix, two moments of the projected gradient plus the basis); the total line compares it with the ``4 * 2*m*n``
     bytes full-rank AdamW would keep. Shapes are as stored; ``*`` marks Conv1D weights stored in x out.
     """
-    if rank is not None:
-        if as_int(rank) is None or as_int(rank) < 1:
-            raise ValueError(f"Invalid {rank=}: expected a positive int (numpy and 0-d torch integers too) or None.")
-        rank = as_int(rank)
+    rank = None if rank is None else checked_rank(rank)
     groups: dict[tuple[str, tuple[int, int], bool], list[GaLoreTarget]] = {}
     for target in targets:
         groups.setdefault((target.pattern, target.shape, target.transposed), []).append(target)
