@@ -21,6 +21,7 @@ from hf_galore import (
     select_targets,
 )
 from hf_galore.cli import main
+from hf_galore.resume import optimizer_change
 
 TINY = ["--preset", "llama-tiny"]
 GALORE_FLAGS = ["--optim", "galore_adamw", "--optim_target_modules", "attn"]
@@ -263,6 +264,24 @@ def test_refused_with_what_happened_and_what_to_do(make, error, message, tmp_pat
     assert re.search(message, text), text
     if error is SystemExit:
         assert "\n" not in text  # a one-line error, no traceback
+
+
+def test_a_galore_checkpoint_into_a_plain_optimizer_is_named_as_an_optimizer_change():
+    """torch's AdamW says only "different number of parameter groups"; `optimizer_change` gives a checkpoint loader
+    the reason, both ways, and nothing when the kind did not change."""
+    model, galore = stepped()
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        plain.load_state_dict(galore.state_dict())
+    assert re.fullmatch(
+        r"Cannot resume: the optimizer changed\. The checkpoint was saved by a GaLore optimizer \(param groups with "
+        r"rank 4; per-parameter state exp_avg, exp_avg_sq, .*: --optim galore_\*\), and this one is AdamW, a plain "
+        r"optimizer \(e\.g\. --optim adamw_torch, adamw_bnb_8bit or adafactor\)\. Resume with the checkpoint's "
+        r"--optim, or start the optimizer afresh \(load only the model weights, without resume_from_checkpoint\)\.",
+        optimizer_change(galore.state_dict(), plain),
+    )
+    assert optimizer_change(galore.state_dict(), stepped()[1]) is None
+    assert optimizer_change(plain.state_dict(), torch.optim.SGD(model.parameters(), lr=1e-2)) is None
 
 
 def test_complex_parameters_refused_in_a_plain_group_next_to_galore():

@@ -38,6 +38,34 @@ from .state_keys import (
 
 logger = logging.getLogger(__name__)
 
+START_AFRESH = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
+
+
+def optimizer_change(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+    """Why `state_dict` cannot resume `optimizer` when one is GaLore (param groups with `rank`) and the other is not
+    (a plain optimizer: `--optim adamw_torch` and the like), naming both; None when both are or neither is.
+
+    `GaLoreOptimizer.load_state_dict` raises with it; torch's optimizers report the GaLore-to-plain direction only as
+    "a different number of parameter groups", so a checkpoint loader can ask it for the reason.
+    """
+    saved_galore = any(is_galore_group(group) for group in state_dict["param_groups"])
+    if saved_galore == any(is_galore_group(group) for group in optimizer.param_groups):
+        return None
+    keys = sorted({key for state in state_dict["state"].values() for key in state})
+    held = f"per-parameter state {', '.join(keys)}" if keys else "no per-parameter state yet"
+    plain = "e.g. --optim adamw_torch, adamw_bnb_8bit or adafactor"
+    if saved_galore:
+        ranks = sorted({group["rank"] for group in state_dict["param_groups"] if is_galore_group(group)})
+        saved = f"a GaLore optimizer (param groups with rank {', '.join(map(str, ranks))}; {held}: --optim galore_*)"
+        now = f"{type(optimizer).__name__}, a plain optimizer ({plain})"
+    else:
+        saved = f"a plain optimizer (no GaLore param group; {held}: {plain})"
+        now = f"{type(optimizer).__name__} with GaLore groups (--optim galore_*)"
+    return (
+        f"Cannot resume: the optimizer changed. The checkpoint was saved by {saved}, and this one is {now}. Resume "
+        f"with the checkpoint's --optim, {START_AFRESH}."
+    )
+
 
 class Resumable:
     """`state_dict()` and `load_state_dict()` for GaLore optimizers."""
@@ -151,9 +179,9 @@ class Resumable:
         return {**state_dict, "state": unpacked}
 
     def _check_resumable(self, state_dict: dict[str, Any]) -> None:
-        fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
+        fresh = START_AFRESH
         saved_groups = state_dict["param_groups"]
-        self._check_same_optimizer(state_dict, fresh)
+        self._check_same_optimizer(state_dict)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Cannot resume: the checkpoint's optimizer has {len(saved_groups)} param groups, this one has "
@@ -191,21 +219,12 @@ class Resumable:
                 self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
         self._check_finite(state_dict)
 
-    def _check_same_optimizer(self, state_dict: dict[str, Any], fresh: str) -> None:
-        """A checkpoint of a plain optimizer (no param group with `rank`: `--optim adamw_torch` and the like) loaded
-        into one with GaLore groups: say that the optimizer changed, naming both, before any group count differs."""
-        if any(is_galore_group(group) for group in state_dict["param_groups"]):
-            return
-        if not any(is_galore_group(group) for group in self.param_groups):
-            return
-        keys = sorted({key for state in state_dict["state"].values() for key in state})
-        held = f"per-parameter state {', '.join(keys)}" if keys else "no per-parameter state yet"
-        raise ValueError(
-            f"Cannot resume: the optimizer changed. The checkpoint was saved by a plain optimizer (no GaLore param "
-            f"group; {held}: e.g. --optim adamw_torch, adamw_bnb_8bit or adafactor), and this one is "
-            f"{type(self).__name__} with GaLore groups (--optim galore_*). Resume with the checkpoint's --optim, "
-            f"{fresh}."
-        )
+    def _check_same_optimizer(self, state_dict: dict[str, Any]) -> None:
+        """A plain optimizer's checkpoint (`--optim adamw_torch` and the like) loaded into one with GaLore groups:
+        say that the optimizer changed, naming both, before any group count differs."""
+        change = optimizer_change(state_dict, self)
+        if change is not None:
+            raise ValueError(change)
 
     def _same_projection(self, saved: dict[str, Any], group: dict[str, Any], key: str, states: dict[Any, Any]) -> bool:
         """Whether a `rank` or `proj_type` given differently leaves every weight of the group the state it was saved
