@@ -224,13 +224,16 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     def param_name(self, param: Tensor) -> str:
         """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
+        return self._known_name(param) or f"a parameter shaped {tuple(param.shape)}"
+
+    def _known_name(self, param: Tensor) -> str | None:
         for g, group in enumerate(self.param_groups):
             for index, member in enumerate(group["params"]):
                 if member is param and (g, index) in self._names:
                     return self._names[g, index]
                 if member is param and "param_names" in group:
                     return group["param_names"][index]
-        return getattr(self, "_names_by_id", {}).get(id(param), f"a parameter shaped {tuple(param.shape)}")
+        return self._names_by_id.get(id(param))  # while the constructor adds the groups
 
     # ---- groups -----------------------------------------------------------------------------------------------
 
@@ -278,14 +281,13 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
-                    f"Invalid GaLore parameter {self._described(param)}: `rank` applies "
-                    "to 2-D weights only; put 1-D and N-D parameters in a group without `rank`."
+                    f"Invalid GaLore parameter {self._described(param)}: `rank` applies to 2-D weights only; put 1-D "
+                    "and N-D parameters in a group without `rank`."
                 )
             if param.numel() == 0:
                 raise ValueError(
-                    f"Invalid GaLore parameter {self._described(param)}: it has no "
-                    "elements, so there is no gradient to project. Leave it out of galore_params (or put it in a "
-                    "group without `rank`)."
+                    f"Invalid GaLore parameter {self._described(param)}: it has no elements, so there is no "
+                    "gradient to project. Leave it out of galore_params (or put it in a group without `rank`)."
                 )
         clipped = sorted(
             {tuple(p.shape) for p in group["params"] if effective_rank(tuple(p.shape), group["rank"]) < group["rank"]}
@@ -297,10 +299,9 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             )
 
     def _described(self, param: Tensor) -> str:
-        """'name' of shape (m, n), or only the shape when the name is unknown."""
-        name = self.param_name(param)
-        shape = f"of shape {tuple(param.shape)}"
-        return shape if name.startswith("a parameter shaped") else f"{name} {shape}"
+        """`name of shape (m, n)`, or only `of shape (m, n)` when the name is unknown."""
+        name, shape = self._known_name(param), f"of shape {tuple(param.shape)}"
+        return shape if name is None else f"{name} {shape}"
 
     def _log_frozen(self) -> None:
         frozen = [p for group in self.param_groups if is_frozen_group(group) for p in group["params"]]
