@@ -239,6 +239,12 @@ CASES = {
         r"^hf-galore estimate: error: Cannot build AutoModelForCausalLM from this llama config \(Trying to create "
         r"tensor with negative dimension -100.*\)\. Check its sizes",
     ),
+    "estimate-config-no-positions": (
+        lambda tmp: estimate("--config", write(tmp / "c.json", f'{{{LLAMA}, "max_position_embeddings": -5}}')),
+        SystemExit,
+        r"^hf-galore estimate: error: Invalid config: max_position_embeddings=-5\. Must be an int >= 1; fix the "
+        r"config\.$",
+    ),
     "estimate-model-folder-missing": (
         lambda tmp: estimate("--model", str(tmp / "no-such-model")),
         SystemExit,

@@ -135,6 +135,8 @@ def check_seq_len(config: Any, seq_len: int) -> None:
     """Refuse a sequence longer than the config's max_position_embeddings, naming both."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit < 1:
+        raise ValueError(f"Invalid config: max_position_embeddings={limit}. Must be an int >= 1; fix the config.")
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(
             f"Invalid seq_len={seq_len}: longer than the model's max_position_embeddings={limit}. "
