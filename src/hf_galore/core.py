@@ -378,10 +378,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             return
         left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
         if group["residual"] == "fira" and lr > 0:  # lr 0 (e.g. a checkpoint's template step) moves nothing
+            step_size = lr * rule.bias_correction(group, step)
             residual, state[RESIDUAL_NORM] = fira_residual(
-                full_grad, grad, delta, lr, left, right, state.get(RESIDUAL_NORM), shard
+                full_grad, grad, delta, step_size, left, right, state.get(RESIDUAL_NORM), shard
             )
-            weight.add_(residual, alpha=-group["scale"] * lr)
+            weight.add_(residual, alpha=-group["scale"] * step_size)
         add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
 
     def _proj_type(self, param: Tensor, group: dict[str, Any], *, row_sharded: bool) -> str:
