@@ -166,6 +166,12 @@ class Resumable:
                     f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
                 )
             for key in self.outer.layout_keys if is_galore_group(group) else ():
+                if key not in saved:
+                    raise ValueError(
+                        f"Cannot resume: {where} has no {key} in the checkpoint: it was saved by another optimizer of "
+                        f"the low-rank family than {type(self).__name__} (e.g. --optim galore_adamw, not "
+                        f"apollo_adamw). Resume with the checkpoint's --optim, {fresh}."
+                    )
                 if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
                     raise ValueError(
                         f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
