@@ -4,7 +4,6 @@ No download and no data package: the model, a word-level tokenizer and csv files
 """
 
 import csv
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -155,12 +154,6 @@ def test_run_glue_trains_and_evaluates(case, tiny_roberta, csv_files, tmp_path):
         assert trainable == total - embeddings
     else:
         assert results["metric"] == "accuracy" and "accuracy" in results["eval_metrics"]
-
-
-def test_readme_documents_every_run_glue_flag():
-    readme = (EXAMPLES.parents[1] / "README.md").read_text()
-    fields = [*dataclasses.fields(run_glue.ModelArguments), *dataclasses.fields(run_glue.DataArguments)]
-    assert [f.name for f in fields if f"| `--{f.name}` |" not in readme] == []
 
 
 def test_lora_modules_to_save_train_in_full(tiny_roberta):

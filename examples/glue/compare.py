@@ -349,9 +349,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every method once per seed, write the markdown table, the plot and the JSON, print the table; returns
-    the runs' results."""
+def build_parser() -> argparse.ArgumentParser:
+    """This script's own flags (every other flag goes to run_glue.py)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Other flags go to run_glue.py.", allow_abbrev=False
     )
@@ -367,6 +366,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default=[],
         help="results JSONs of earlier compare.py calls: runs with the same flags and seed are taken, not run again",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every method once per seed, write the markdown table, the plot and the JSON, print the table; returns
+    the runs' results."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]

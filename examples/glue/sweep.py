@@ -153,8 +153,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Sweep every method, write sweep.json, recipe.json and sweep.md, print the table; returns sweep.json's data."""
+def build_parser() -> argparse.ArgumentParser:
+    """This script's own flags (every other flag goes to run_glue.py)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Other flags go to run_glue.py.", allow_abbrev=False
     )
@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "must be SPACES' keys",
     )
     parser.add_argument("--quick", action="store_true", help=f"budget {QUICK_BUDGET} and {shlex.join(QUICK_FLAGS)}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Sweep every method, write sweep.json, recipe.json and sweep.md, print the table; returns sweep.json's data."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
