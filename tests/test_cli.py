@@ -186,6 +186,7 @@ def test_console_script_serves_apollo_without_apollo_torch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer: hf_galore.optimizers.ApolloAdamW" in result.stdout
     assert "apollo_adamw selected 14 weight matrices" in result.stderr
+    assert "APOLLO: optimizer state" in result.stderr  # the end-of-training summary names the member
 
 
 def test_ddp_under_torchrun_module_form(tmp_path):

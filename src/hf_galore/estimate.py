@@ -451,8 +451,11 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     if optimizer["galore"] is not None:
         options = ", ".join(f"{key}={value}" for key, value in optimizer["galore"].items())
-        member = GALORE_OPTIMIZERS[optimizer["name"]].optimizer_cls.outer.name if galore else ""
-        label = {"galore": "GaLore", "apollo": "APOLLO"}.get(member, "GaLore (the galore_* rows below)")
+        label = (
+            GALORE_OPTIMIZERS[optimizer["name"]].optimizer_cls.outer.title
+            if galore
+            else "GaLore (the galore_* rows below)"
+        )
         lines.append(
             f"{label}: {options}; {optimizer['targets']} target matrices ({optimizer['target_parameters']:,} "
             f"parameters) from optim_target_modules={optimizer['target_modules']!r}"

@@ -46,6 +46,7 @@ class GaLoreRule:
     """GaLore: the top-r singular basis of the gradient, stored and refreshed every T steps; D projected back."""
 
     name = "galore"
+    title = "GaLore"  # how logs and the planner name the member
     config_cls: type[GaLoreConfig] = GaLoreConfig
     group_defaults = GROUP_DEFAULTS
     layout_keys = LAYOUT_KEYS  # group keys that fix the saved state's shapes
@@ -117,6 +118,7 @@ class ApolloRule(GaLoreRule):
     """
 
     name = "apollo"
+    title = "APOLLO"
     config_cls = ApolloConfig
     group_defaults = APOLLO_GROUP_DEFAULTS
     layout_keys = (*LAYOUT_KEYS, "proj")  # svd stores bases, random does not
