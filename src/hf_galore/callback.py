@@ -171,8 +171,9 @@ class GaLoreCallback(TrainerCallback):
         self._collect(galore)
         figures = memory_figures(galore)
         logger.info(
-            "GaLore: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "
+            "%s: optimizer state %.1f MiB vs %.1f MiB for AdamW (%.1f%% saved); %d basis refreshes took %.2f s; "
             "%d parameter updates skipped for non-finite gradients; peak memory %.0f MiB.",
+            galore.outer.title,
             figures["galore/optimizer_state_mb"],
             figures["galore/adamw_equivalent_mb"],
             figures["galore/state_saving_pct"],
