@@ -17,6 +17,10 @@ Residual = Literal["none", "fira"]
 RESIDUALS: tuple[str, ...] = get_args(Residual)
 Others = Literal["same", "adamw", "adamw8bit", "adafactor", "frozen"]
 OTHERS: tuple[str, ...] = get_args(Others)
+Proj = Literal["random", "svd"]
+PROJS: tuple[str, ...] = get_args(Proj)
+ScaleType = Literal["channel", "tensor"]
+SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)
 # Options of the whole optimizer, not of a GaLore param group: they are not copied into the GaLore groups.
 OPTIMIZER_OPTIONS = ("others",)
 
@@ -156,6 +160,62 @@ class GaLoreConfig:
 GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in GaLoreConfig().group_options().items() if k != "rank"}
 
 
+def validate_apollo_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`validate_galore_options` plus APOLLO's own keys and the GaLore options that mean nothing to it; returns the
+    numeric options as plain Python numbers, as `validate_galore_options` does."""
+    parsed = validate_galore_options(options)
+    if options["proj"] not in PROJS:
+        raise ValueError(f"Invalid proj={options['proj']!r}. Must be one of {', '.join(PROJS)}.")
+    if options["scale_type"] not in SCALE_TYPES:
+        raise ValueError(f"Invalid scale_type={options['scale_type']!r}. Must be one of {', '.join(SCALE_TYPES)}.")
+    if options["residual"] != "none":
+        raise ValueError(
+            f"Invalid residual={options['residual']!r} for APOLLO: its update is the whole gradient, scaled, so "
+            "nothing is left outside a subspace to add back. Use residual='none' (or GaLore with residual='fira')."
+        )
+    if options["proj_type"] == "full":
+        raise ValueError(
+            "Invalid proj_type='full' for APOLLO: its scaling factors are per channel of the one projected side. "
+            "Use std, reverse_std, left or right."
+        )
+    if options["proj"] == "random" and options["lazy_threshold"] != 0:
+        raise ValueError(
+            f"Invalid lazy_threshold={options['lazy_threshold']!r} with proj='random': independent random draws "
+            "have no overlap to measure. Use lazy_threshold=0, or proj='svd'."
+        )
+    return parsed
+
+
+@dataclass
+class ApolloConfig(GaLoreConfig):
+    """APOLLO (Zhu et al., 2025, arXiv 2412.05270): Adam's moments of a random projection of the gradient give one
+    learning-rate scale per channel (or per tensor: APOLLO-Mini) for the full gradient. Defaults are transformers'
+    `--optim apollo_adamw` ones; APOLLO-Mini is rank=1, scale_type='tensor' (the paper uses scale=√128 ≈ 11.3 there).
+
+    The refresh options of `GaLoreConfig` (`refresh_method`, `power_iters`, `oversample`, `lazy_threshold`) apply
+    with proj='svd' only; `residual` must stay 'none'.
+    """
+
+    scale: float = field(default=1.0, metadata={"help": "Multiplier alpha of the scaled gradient (paper Mini: √128)."})
+    proj: Proj = field(
+        default="random",
+        metadata={
+            "help": "The projection: random (N(0, 1/r) entries, regenerated from a seed, redrawn every "
+            "update_proj_gap steps, never stored) or svd (GaLore's top-r basis, stored, with APOLLO's scaling)."
+        },
+    )
+    scale_type: ScaleType = field(
+        default="channel",
+        metadata={"help": "channel (one factor per column or row: APOLLO) or tensor (one factor: APOLLO-Mini)."},
+    )
+
+    def __post_init__(self) -> None:
+        validate_apollo_options(asdict(self))
+
+
+APOLLO_GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in ApolloConfig().group_options().items() if k != "rank"}
+
+
 def _convert(key: str, text: str, kind: type) -> Any:
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
@@ -194,20 +254,24 @@ def split_optim_args(text: str | None) -> dict[str, str]:
 
 
 def parse_optim_args(
-    optim_args: Mapping[str, str], *, extra: Mapping[str, Any] | None = None
+    optim_args: Mapping[str, str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    config_cls: type[GaLoreConfig] = GaLoreConfig,
 ) -> tuple[GaLoreConfig, dict[str, Any]]:
     """Turn `--optim_args` (already split into strings by transformers) into a config plus optimizer keywords.
 
-    `extra` names the keys this optimizer accepts beyond the GaLore ones, with their defaults (typed by them).
+    `extra` names the keys this optimizer accepts beyond the config's (`config_cls`: `GaLoreConfig`, or
+    `ApolloConfig` for the apollo_* names), with their defaults (typed by them).
     An unknown key, or a value of the wrong kind, raises a `ValueError` listing the valid keys.
     """
     extra = dict(extra or {})
-    defaults = asdict(GaLoreConfig())
+    defaults = asdict(config_cls())
     valid = {**defaults, **extra}
     unknown = sorted(set(optim_args) - set(valid))
     if unknown:
         listing = ", ".join(f"{key} (default {value})" for key, value in valid.items())
         raise ValueError(f"Unknown optim_args key(s) {', '.join(map(repr, unknown))}. Valid keys: {listing}.")
     typed = {key: _convert(key, text, type(valid[key])) for key, text in optim_args.items()}
-    config = GaLoreConfig(**{key: typed.get(key, default) for key, default in defaults.items()})
+    config = config_cls(**{key: typed.get(key, default) for key, default in defaults.items()})
     return config, {key: typed[key] for key in extra if key in typed}

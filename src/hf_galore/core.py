@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import GROUP_DEFAULTS, OTHERS, GaLoreConfig, validate_galore_options
+from .config import OTHERS, GaLoreConfig
+from .family import GALORE, GaLoreRule
 from .inner import MIN_8BIT_SIZE, InnerUpdate, inner_rule, rule_defaults, rule_family
 from .layerwise import LayerwiseHooks, accelerate_sync_gradients
 from .log import warn_at_caller
 from .projector import (
-    add_projected_back_,
     compute_bases,
     effective_rank,
     identity_bases,
@@ -32,7 +32,6 @@ from .projector import (
     resolve_proj_type,
     subspace_overlap,
 )
-from .residual import fira_residual
 from .resume import Resumable
 from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
@@ -147,7 +146,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     A parameter whose gradient holds NaN or inf is not updated at all (weights, moments, step count and refresh
     schedule untouched); one warning names it and `pop_skipped_updates()` reports it.
+
+    `outer` is the family member (`hf_galore.family`): GaLore here, APOLLO in `ApolloAdamW`.
     """
+
+    outer: GaLoreRule = GALORE
 
     def __init__(
         self,
@@ -179,8 +182,10 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
+        self._frozen_here: list[Tensor] = []  # what others=frozen turned off (trainable before): unfreeze_others()
         if galore_params is not None:
-            params = split_galore_groups(params, galore_params, as_galore_config(galore_config), inner)
+            config = as_galore_config(galore_config, self.outer.config_cls)
+            params = split_galore_groups(params, galore_params, config, inner)
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         self._names: dict[tuple[int, int], str] = {}
@@ -254,6 +259,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.has_hooks:  # layer-wise, hooked already: the new group's tensors update from backward too
+            self.register_hooks()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -275,9 +282,9 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self.rule_for(group).validate_group(group)
         if not is_galore_group(group):
             return
-        for key, default in GROUP_DEFAULTS.items():
+        for key, default in self.outer.group_defaults.items():
             group.setdefault(key, default)
-        group.update(validate_galore_options(group))
+        group.update(self.outer.validate(group))
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
@@ -316,6 +323,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 more,
             )
 
+    def unfreeze_others(self) -> None:
+        """Give back `requires_grad=True` to the tensors `others=frozen` turned off (those trainable before), so the
+        model leaves training as it came (the Trainer integration calls this when `train()` ends, however it ends)."""
+        for param in self._frozen_here:
+            param.requires_grad_(True)
+
+    def freeze_others(self) -> None:
+        """Turn `requires_grad` off again on the tensors of `others=frozen` groups (`train()` called again)."""
+        for param in self._frozen_here:
+            param.requires_grad_(False)
+
     def _validate_inner_key(self, group: dict[str, Any]) -> bool:
         """Check a group's `inner` key; freeze a `frozen` group's parameters. Whether the group is trained."""
         form = group.get("inner")
@@ -329,6 +347,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "rule; `inner` is for plain groups (GaLoreConfig.others)."
             )
         if form == FROZEN:
+            self._frozen_here.extend(p for p in group["params"] if p.requires_grad)
             for param in group["params"]:
                 param.requires_grad_(False)
             return False
@@ -381,7 +400,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         full_grad = grad
         if galore and not refresh_due:
             # Checked in the subspace: any NaN/inf of G reaches the projection (NaN·0 is NaN), at r/min(m, n) the cost.
-            grad = project(grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+            grad = project(grad, *self._bases(param, state, group, shard, like=grad))
         if not self._is_finite(grad, shard, agree=refresh_due):
             self._skip(param)
             if shard is not None and not refresh_due:
@@ -393,7 +412,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         if refresh_due:
             proj_type = self._proj_type(param, group, row_sharded=shard is not None)
             self._refresh(param, full_grad, state, group, clock, proj_type, shard)
-            grad = project(full_grad, state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
+            grad = project(full_grad, *self._bases(param, state, group, shard, like=full_grad))
         step += 1
         state[STEP] = step
         rule = self.rule_for(group)
@@ -406,20 +425,32 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         if not galore:
             weight.sub_(delta)
             return
-        left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
-        if group["residual"] == "fira" and lr > 0:  # lr 0 (e.g. a checkpoint's template step) moves nothing
-            residual, state[RESIDUAL_NORM] = fira_residual(
-                full_grad, grad, delta, lr, left, right, state.get(RESIDUAL_NORM), shard
-            )
-            weight.add_(residual, alpha=-group["scale"] * lr)
-        add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
+        bases = self._bases(param, state, group, shard, like=full_grad)
+        step_size = lr * rule.bias_correction(group, step)  # Fira and APOLLO scale the raw direction (`scaling`)
+        self.outer.apply(weight, full_grad, grad, delta, step_size, state, group, bases, shard)
+
+    def _bases(
+        self, param: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None, like: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The target's current projection (stored, or regenerated by the outer rule)."""
+        proj_type = self._proj_type(param, group, row_sharded=shard is not None)
+        return self.outer.bases(state, tuple(param.shape), group, proj_type, like)
+
+    def param_seed(self, param: Tensor) -> int:
+        """A seed of `param`'s own, the same on every rank and in every run of this setup: its position in the
+        param groups (kept in state, so a resume with regrouped parameters still draws what it would have)."""
+        for g, group in enumerate(self.param_groups):
+            for index, member in enumerate(group["params"]):
+                if member is param:
+                    return g * 2**20 + index
+        raise ValueError(f"{self.param_name(param)} is not a parameter of this optimizer.")
 
     def _check_unchanged(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Check a GaLore group again at each update, for edits after it was validated (`param_groups[i]["rank"] =
         ...`): its options must still be valid, and `rank`/`proj_type` must still give `param`'s bases their shape,
         since its moments live in that subspace. A few dict reads and shape comparisons per parameter."""
         try:
-            validate_galore_options(group)
+            self.outer.validate(group)
         except ValueError as err:
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             raise ValueError(
@@ -501,7 +532,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
     ) -> None:
         """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule)."""
         start = time.perf_counter()
-        bases, problem = self._new_bases(grad, group, proj_type, shard, seed=clock)
+        bases, problem = self.outer.new_bases(self, param, grad, state, group, proj_type, shard, clock)
         old = (state.get(LEFT_BASIS), state.get(RIGHT_BASIS))
         if problem is not None:
             action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
@@ -509,9 +540,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             if old == (None, None):
                 bases = identity_bases(tuple(param.shape), group["rank"], proj_type, like=grad)
         overlap = self._record_refresh(old, bases, time.perf_counter() - start)
-        for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
-            if basis is not None:
-                state[key] = basis
+        self.outer.keep_bases(state, bases)
         offset = None
         if group["stagger"] and NEXT_REFRESH not in state:
             index = next(i for i, p in enumerate(group["params"]) if p is param)
@@ -597,18 +626,25 @@ def _checked_param_names(param_names: Mapping[Tensor, str] | None) -> Mapping[Te
     return param_names
 
 
-def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:
-    """A `GaLoreConfig`: the one given, one built from a dict of its fields, or the default."""
+def as_galore_config(
+    config: GaLoreConfig | Mapping[str, Any] | None, cls: type[GaLoreConfig] = GaLoreConfig
+) -> GaLoreConfig:
+    """A `cls` (`GaLoreConfig`, or a family member's: `ApolloConfig`): the one given, one built from a dict of its
+    fields, or the default."""
     if config is None:
-        return GaLoreConfig()
-    if isinstance(config, GaLoreConfig):
+        return cls()
+    if type(config) is cls:
         return config
+    if isinstance(config, GaLoreConfig):
+        raise TypeError(
+            f"Invalid galore_config of type {type(config).__name__} for this optimizer: it takes a {cls.__name__}."
+        )
     if isinstance(config, Mapping):
-        valid = GaLoreConfig.__dataclass_fields__
+        valid = cls.__dataclass_fields__
         unknown = sorted(set(config) - set(valid))
         if unknown:
             raise ValueError(
                 f"Invalid galore_config key(s) {', '.join(map(repr, unknown))}. Valid keys: {', '.join(valid)}."
             )
-        return GaLoreConfig(**config)
-    raise TypeError(f"Invalid galore_config={config!r}: must be a GaLoreConfig, a dict of its fields, or None.")
+        return cls(**config)
+    raise TypeError(f"Invalid galore_config={config!r}: must be a {cls.__name__}, a dict of its fields, or None.")

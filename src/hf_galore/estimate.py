@@ -165,7 +165,8 @@ def _optimizer_setup(
             f"galore_* optimizers only ({', '.join(GALORE_OPTIMIZERS)})."
         )
     extra = _EXTRA_OPTIM_ARGS.get(GALORE_OPTIMIZERS[optim].optimizer_cls, {}) if galore else {}
-    config, extras = parse_optim_args(dict(optim_args or {}), extra=extra)
+    config_cls = GALORE_OPTIMIZERS[optim].optimizer_cls.outer.config_cls if galore else GaLoreConfig
+    config, extras = parse_optim_args(dict(optim_args or {}), extra=extra, config_cls=config_cls)
     if galore:
         check_others(optim, config.others, fsdp)
     min_8bit_size = AdamW8bitUpdate(min_8bit_size=extras.get("min_8bit_size", MIN_8BIT_SIZE)).min_8bit_size
@@ -269,6 +270,8 @@ class _Run:
     def state(self, optim: str, rank: int | None = None) -> int:
         rank = self.rank if rank is None else rank
         proj_type = "std" if self.galore_config is None else self.galore_config.proj_type
+        outer = GALORE_OPTIMIZERS[optim].optimizer_cls.outer if optim in GALORE_OPTIMIZERS else None
+        options = outer.state_options(self.galore_config) if outer and self.galore_config else {}
         return state_bytes(
             self.tensors,
             optim,
@@ -277,6 +280,7 @@ class _Run:
             min_8bit_size=self.min_8bit_size,
             world=self.fsdp,
             others=self.others,
+            target_options=options,
         )
 
     def workspace(self, rank: int | None = None) -> int:
@@ -443,7 +447,11 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     if optimizer["galore"] is not None:
         options = ", ".join(f"{key}={value}" for key, value in optimizer["galore"].items())
-        label = "GaLore" if galore else "GaLore (the galore_* rows below)"
+        label = (
+            GALORE_OPTIMIZERS[optimizer["name"]].optimizer_cls.outer.title
+            if galore
+            else "GaLore (the galore_* rows below)"
+        )
         lines.append(
             f"{label}: {options}; {optimizer['targets']} target matrices ({optimizer['target_parameters']:,} "
             f"parameters) from optim_target_modules={optimizer['target_modules']!r}"

@@ -27,7 +27,6 @@ from .sharding import (
 )
 from .state_keys import (
     CHECKPOINT_GROUP_KEYS,
-    LAYOUT_KEYS,
     LEFT_BASIS,
     QUANTIZED_SHARDS,
     RIGHT_BASIS,
@@ -208,7 +207,13 @@ class Resumable:
                     f"Cannot resume: {here} is {now} now but was {was} in the checkpoint (saved by a different "
                     f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
                 )
-            for key in LAYOUT_KEYS if is_galore_group(group) else ():
+            for key in self.outer.layout_keys if is_galore_group(group) else ():
+                if key not in saved:
+                    raise ValueError(
+                        f"Cannot resume: {where} has no {key} in the checkpoint: it was saved by another optimizer of "
+                        f"the low-rank family than {type(self).__name__} (e.g. --optim galore_adamw, not "
+                        f"apollo_adamw). Resume with the checkpoint's --optim, {fresh}."
+                    )
                 if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
                     raise ValueError(
                         f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
@@ -313,7 +318,7 @@ class Resumable:
         rule.init_state(torch.empty(local_shape, dtype=param.dtype, device="meta"), layout, group, shard)
         for key in layout.keys() & rule.row_wise_state if shard is not None else ():
             layout[key] = torch.empty((shape[0], *layout[key].shape[1:]), dtype=layout[key].dtype, device="meta")
-        if is_galore_group(group):
+        if is_galore_group(group) and self.outer.stores_bases(group):
             left, right = projection_sides(tuple(param.shape), proj_type)
             r = effective_rank(tuple(param.shape), group["rank"])
             if left:
