@@ -220,6 +220,13 @@ CASES = {
         r"^hf-galore estimate: error: --optim galore_adamw with others=frozen cannot run under FSDP: .* pick "
         r"others=adafactor",
     ),
+    "estimate-min-8bit-size-negative": (
+        lambda _: estimate(
+            *TINY, "--optim", "galore_adamw_8bit", "--optim_target_modules", "attn", "--optim_args", "min_8bit_size=-1"
+        ),
+        SystemExit,
+        r"^hf-galore estimate: error: Invalid min_8bit_size=-1\. Must be an int >= 0\.$",
+    ),
     "estimate-config-invalid-sizes": (
         lambda tmp: estimate("--config", write(tmp / "c.json", f'{{{LLAMA}, "hidden_size": 65, "vocab_size": 64}}')),
         SystemExit,

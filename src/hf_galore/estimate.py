@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import GaLoreConfig, parse_optim_args, split_optim_args
-from .inner import FROZEN, MIN_8BIT_SIZE
+from .inner import FROZEN, MIN_8BIT_SIZE, AdamW8bitUpdate
 from .meta_model import (
     TASKS,
     build_meta_model,
@@ -169,9 +169,7 @@ def _optimizer_setup(
     config, extras = parse_optim_args(dict(optim_args or {}), extra=extra, config_cls=config_cls)
     if galore:
         check_others(optim, config.others, fsdp)
-    min_8bit_size = extras.get("min_8bit_size", MIN_8BIT_SIZE)
-    if isinstance(min_8bit_size, bool) or min_8bit_size < 0:
-        raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
+    min_8bit_size = AdamW8bitUpdate(min_8bit_size=extras.get("min_8bit_size", MIN_8BIT_SIZE)).min_8bit_size
     if not galore and target_modules is None:
         return None, min_8bit_size, []
     form = GALORE_OPTIMIZERS[optim].form if galore else "adamw"
