@@ -251,6 +251,15 @@ def test_resume_from_a_half_written_checkpoint_by_path_is_refused_naming_the_fil
     assert (fresh in str(err.value)) == ("optimizer" in damage)  # only where the weights can still be used
 
 
+def test_a_distributed_checkpoint_folder_without_its_metadata_is_incomplete(tmp_path):
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / "optimizer_0").mkdir()
+    (tmp_path / "optimizer_0" / "__0_0.distcp").write_bytes(b"shard")  # FSDP's save: .metadata comes last
+    assert checkpoint_problem(str(tmp_path)) == f"{tmp_path / 'optimizer_0'} has no .metadata"
+    (tmp_path / "optimizer_0" / ".metadata").write_bytes(b"written")
+    assert checkpoint_problem(str(tmp_path)) is None
+
+
 def test_resume_when_no_checkpoint_is_complete_names_them_all(run_dir):
     for step in (2, 4, 6):
         (run_dir / f"checkpoint-{step}" / "trainer_state.json").unlink()
