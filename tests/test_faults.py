@@ -239,6 +239,16 @@ def test_resume_skips_a_half_written_newest_checkpoint_naming_it_and_reaches_the
     assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), saved_run[1]))
 
 
+def test_a_plain_adamw_run_skips_a_half_written_checkpoint_too(tmp_path):
+    # transformers' own fault (the control of the crash trial): contained for every Trainer once hf_galore is imported
+    plain = {**SAVED, "max_steps": 4, "optim_target_modules": None, "optim_args": None}
+    full = train(tmp_path, "adamw_torch", **plain)
+    _killed_in_optimizer(tmp_path / "checkpoint-4")
+    with pytest.warns(UserWarning, match=r"Resuming from .*checkpoint-2, .*checkpoint-4 has no trainer_state\.json"):
+        resumed = train(tmp_path, "adamw_torch", resume=True, **plain)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), full.model.parameters()))
+
+
 @pytest.mark.parametrize("damage", ["killed-in-trainer-state", "empty-optimizer", "random-optimizer"])
 def test_resume_from_a_half_written_checkpoint_by_path_is_refused_naming_the_file_and_what_to_do(damage, run_dir):
     damage_fn, reason = HALF_WRITTEN[damage]
