@@ -239,6 +239,16 @@ def test_resume_skips_a_half_written_newest_checkpoint_naming_it_and_reaches_the
     assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), saved_run[1]))
 
 
+def test_a_plain_adamw_run_skips_a_half_written_checkpoint_too(tmp_path):
+    # transformers' own fault (the control of the crash trial): contained for every Trainer once hf_galore is imported
+    plain = {**SAVED, "max_steps": 4, "optim_target_modules": None, "optim_args": None}
+    full = train(tmp_path, "adamw_torch", **plain)
+    _killed_in_optimizer(tmp_path / "checkpoint-4")
+    with pytest.warns(UserWarning, match=r"Resuming from .*checkpoint-2, .*checkpoint-4 has no trainer_state\.json"):
+        resumed = train(tmp_path, "adamw_torch", resume=True, **plain)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), full.model.parameters()))
+
+
 @pytest.mark.parametrize("damage", ["killed-in-trainer-state", "empty-optimizer", "random-optimizer"])
 def test_resume_from_a_half_written_checkpoint_by_path_is_refused_naming_the_file_and_what_to_do(damage, run_dir):
     damage_fn, reason = HALF_WRITTEN[damage]
@@ -249,6 +259,15 @@ def test_resume_from_a_half_written_checkpoint_by_path_is_refused_naming_the_fil
         _resume(run_dir, str(run_dir / "checkpoint-6"))
     fresh = "or set HF_GALORE_FRESH_OPTIMIZER=1 to load its weights and start the optimizer afresh"
     assert (fresh in str(err.value)) == ("optimizer" in damage)  # only where the weights can still be used
+
+
+def test_a_distributed_checkpoint_folder_without_its_metadata_is_incomplete(tmp_path):
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / "optimizer_0").mkdir()
+    (tmp_path / "optimizer_0" / "__0_0.distcp").write_bytes(b"shard")  # FSDP's save: .metadata comes last
+    assert checkpoint_problem(str(tmp_path)) == f"{tmp_path / 'optimizer_0'} has no .metadata"
+    (tmp_path / "optimizer_0" / ".metadata").write_bytes(b"written")
+    assert checkpoint_problem(str(tmp_path)) is None
 
 
 def test_resume_when_no_checkpoint_is_complete_names_them_all(run_dir):

@@ -71,9 +71,10 @@ def _unreadable_safetensors_reason(path: str) -> str | None:
             header = json.loads(handle.read(header_len)) if header_len is not None and header_len < size else None
         except ValueError:
             header = None
-    if header is None:
+    entries = [entry for key, entry in header.items() if key != "__metadata__"] if isinstance(header, dict) else None
+    if entries is None or not all(isinstance(e, dict) and len(e.get("data_offsets", ())) == 2 for e in entries):
         return f"{path} has no readable safetensors header ({size:,} bytes): it is damaged or was cut short"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    ends = [entry["data_offsets"][1] for entry in entries]
     needed = 8 + header_len + max(ends, default=0)
     if needed > size:
         return f"{path} is truncated ({size:,} of its {needed:,} bytes): the save that wrote it was cut short"
