@@ -181,6 +181,17 @@ def _resume(run_dir, resume=True, optim="galore_adamw", **overrides):
     return train(run_dir, optim, resume=resume, **{**SAVED, **overrides})
 
 
+def test_a_galore_checkpoint_resumed_with_a_plain_optimizer_is_named_as_an_optimizer_change(run_dir):
+    """torch's AdamW alone says "loaded state dict has a different number of parameter groups"."""
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot resume: the optimizer changed\. The checkpoint was saved by a GaLore "
+        r"optimizer \(param groups with rank 4;.*and this one is AdamW, a plain optimizer",
+    ) as raised:
+        _resume(run_dir, optim="adamw_torch")
+    assert "different number of parameter groups" in str(raised.value.__cause__)
+
+
 def _cut(path, keep=0.5):
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
 

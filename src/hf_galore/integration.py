@@ -22,6 +22,7 @@ import torch
 from .callback import attach_callback, check_saved_run, unwrap_galore
 from .checkpoints import (
     FRESH_OPTIMIZER_ENV,
+    OPTIMIZER_FILE,
     SCHEDULER_FILE,
     check_complete,
     check_optimizer_files,
@@ -33,6 +34,7 @@ from .config import split_optim_args
 from .core import GaLoreOptimizer
 from .layerwise import end_accumulation, release_hooks
 from .log import warn_at_caller
+from .resume import optimizer_change
 from .trainer_factory import GALORE_OPTIMIZERS, galore_optimizer_handler, optim_name
 
 _WRAPPED = "_hf_galore_wrapped"
@@ -129,13 +131,29 @@ def _load_checked(original: Callable) -> Callable:
             return original(self, checkpoint, *args, **kwargs)
         if fresh_optimizer_requested():
             return _start_optimizer_afresh(self, checkpoint)
-        result = original(self, checkpoint, *args, **kwargs)  # the train() wrapper checked its files
+        try:
+            result = original(self, checkpoint, *args, **kwargs)  # the train() wrapper checked its files
+        except ValueError as err:
+            reason = _plain_optimizer_refusal(self, checkpoint)
+            if reason is None:
+                raise
+            raise ValueError(reason) from err
         galore = unwrap_galore(self.optimizer)
         if galore is not None:
             check_saved_run(galore, self.state, self.args, checkpoint)
         return result
 
     return load
+
+
+def _plain_optimizer_refusal(trainer: Any, checkpoint: str) -> str | None:
+    """Why a plain optimizer (`--optim adamw_torch`, ...) refused a GaLore `optimizer.pt`: torch says only "a
+    different number of parameter groups". None where that is not the cause (GaLore's own loader names it already)."""
+    path = os.path.join(checkpoint, OPTIMIZER_FILE)
+    if unwrap_galore(trainer.optimizer) is not None or not os.path.isfile(path):
+        return None
+    plain = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper forwards to it
+    return optimizer_change(torch.load(path, map_location="cpu", weights_only=True), plain)
 
 
 def _start_optimizer_afresh(trainer: Any, checkpoint: str) -> None:
