@@ -1,11 +1,14 @@
-"""Optimizer-state memory and step time: torch AdamW, bitsandbytes AdamW8bit, galore-torch 1.0 and hf_galore.
+"""Optimizer-state memory and step time: torch AdamW, bitsandbytes AdamW8bit, galore-torch 1.0 and hf_galore (GaLore,
+APOLLO, APOLLO-Mini).
 
     python benchmarks/optimizer_state.py                 # the paper's LLaMA-60M config, rank 128 (a few minutes)
     python benchmarks/optimizer_state.py --quick         # tiny config, seconds (what the test suite runs)
 
 All optimizers step on the same real gradients (one backward of a random-init model on random tokens), timed in
 round-robin so machine noise hits them alike; step times are reported as ratios to torch AdamW measured in the
-same run. "between refreshes" times steps that reuse the basis; "refresh step" times steps that recompute it.
+same run. "between refreshes" times steps that reuse the basis; "refresh step" times steps that recompute it (APOLLO:
+that draw a new random projection; it regenerates P from its seed every step either way). APOLLO runs at the same rank
+as GaLore, APOLLO-Mini at rank 1 (scale_type=tensor). apollo-torch (CC BY-NC) is not a reference client here.
 Prints a table and writes JSON (default benchmarks/results/optimizer_state.json).
 """
 
@@ -24,7 +27,7 @@ import torch
 from common import machine, quiet_library_logs, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, optimizer_state_bytes
+from hf_galore import ApolloAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, optimizer_state_bytes
 from hf_galore.report import MIB
 from hf_galore.report import format_table as render_table
 from hf_galore.targets import select_targets
@@ -41,11 +44,11 @@ def build_model(quick: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def param_groups(model: torch.nn.Module, rank: int, gap: int) -> list[dict]:
+def param_groups(model: torch.nn.Module, rank: int, gap: int, **options: object) -> list[dict]:
     targets = {id(t.param) for t in select_targets(model, ["attn", "mlp"])}
     galore = [p for p in model.parameters() if id(p) in targets]
     rest = [p for p in model.parameters() if id(p) not in targets]
-    galore_options = {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
+    galore_options = {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std", **options}
     return [{"params": rest}, {"params": galore, **galore_options}]
 
 
@@ -66,6 +69,10 @@ def candidates(rank: int) -> dict[str, Callable[[torch.nn.Module, int], torch.op
         "hf_galore GaLoreAdamW": lambda m, gap: GaLoreAdamW(param_groups(m, rank, gap), **adam),
         "hf_galore GaLoreAdamW8bit": lambda m, gap: GaLoreAdamW8bit(param_groups(m, rank, gap), **adam),
         "hf_galore GaLoreAdafactor": lambda m, gap: GaLoreAdafactor(param_groups(m, rank, gap), **adafactor),
+        "hf_galore ApolloAdamW": lambda m, gap: ApolloAdamW(param_groups(m, rank, gap, scale=1.0), **adam),
+        "hf_galore ApolloAdamW (Mini)": lambda m, gap: ApolloAdamW(
+            param_groups(m, 1, gap, scale=128**0.5, scale_type="tensor"), **adam
+        ),
     }
 
 

@@ -21,6 +21,8 @@ ESTIMATE_OPTIMIZERS = (
     "galore_adamw_layerwise",
     "galore_adamw_8bit_layerwise",
     "galore_adafactor_layerwise",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
     "adamw_torch",
     "adamw_torch_fused",
     "adamw_bnb_8bit",

@@ -25,10 +25,14 @@ def test_optimizer_state_benchmark_quick(tmp_path, capsys):
     results = report["results"]
     assert "torch AdamW" in capsys.readouterr().out
     adamw = results["torch AdamW"]["state_mb"]
-    for name in ("hf_galore GaLoreAdamW", "hf_galore GaLoreAdamW8bit", "hf_galore GaLoreAdafactor"):
+    names = ("GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "ApolloAdamW", "ApolloAdamW (Mini)")
+    for name in (f"hf_galore {name}" for name in names):
         assert 0 < results[name]["state_mb"] < adamw
         assert results[name]["between_s"] > 0 and results[name]["refresh_s"] > 0
     assert results["hf_galore GaLoreAdamW8bit"]["state_mb"] < results["hf_galore GaLoreAdamW"]["state_mb"]
+    # APOLLO keeps GaLore's moments without the bases; APOLLO-Mini (rank 1) far less
+    assert results["hf_galore ApolloAdamW"]["state_mb"] < results["hf_galore GaLoreAdamW"]["state_mb"]
+    assert results["hf_galore ApolloAdamW (Mini)"]["state_mb"] < results["hf_galore ApolloAdamW"]["state_mb"]
     # The reference's 8-bit optimizer calls torch.cuda.synchronize(): on a CPU-only torch it cannot step.
     import torch
 

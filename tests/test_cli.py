@@ -181,6 +181,14 @@ def test_console_script_trains_an_unmodified_script(tmp_path):
     assert "GaLore: optimizer state" in result.stderr  # the end-of-training summary
 
 
+def test_console_script_serves_apollo_without_apollo_torch(tmp_path):
+    result = _train(["hf-galore", "run"], tmp_path, optim="apollo_adamw")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer: hf_galore.optimizers.ApolloAdamW" in result.stdout
+    assert "apollo_adamw selected 14 weight matrices" in result.stderr
+    assert "APOLLO: optimizer state" in result.stderr  # the end-of-training summary names the member
+
+
 def test_ddp_under_torchrun_module_form(tmp_path):
     """Two CPU processes (gloo): the whole-model form trains under DDP; only rank 0 prints the table."""
     result = _train([*TORCHRUN_2, "-m", "hf_galore"], tmp_path)

@@ -113,12 +113,12 @@ def test_docs_link_check_catches_a_broken_anchor(tmp_path):
 
 
 def test_every_optim_args_key_is_documented_with_its_default():
-    from hf_galore.config import GaLoreConfig
+    from hf_galore.config import ApolloConfig, GaLoreConfig
     from hf_galore.trainer_factory import _EXTRA_OPTIM_ARGS
 
     text = (ROOT / "docs" / "trainer.md").read_text()
     table = text[text.index("## `--optim_args` keys") :].split("\n#", 1)[0]
-    keys = [([f.name], f.default) for f in dataclasses.fields(GaLoreConfig)]
+    keys = [([f.name], f.default) for config in (GaLoreConfig, ApolloConfig) for f in dataclasses.fields(config)]
     keys += [([key], default) for extra in _EXTRA_OPTIM_ARGS.values() for key, default in extra.items()]
     assert _undocumented(keys, _table_rows(table)) == []
 

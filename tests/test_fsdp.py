@@ -16,7 +16,15 @@ import pytest
 import torch
 from ranks import WORLD, run_on_ranks, shard_linears
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, optimizer_state_bytes
+from hf_galore import (
+    ApolloAdamW,
+    ApolloConfig,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    optimizer_state_bytes,
+)
 from hf_galore.core import LEFT_BASIS, RIGHT_BASIS
 from hf_galore.sharding import count_collectives, local_tensor
 
@@ -35,6 +43,8 @@ FORMS = {
         1e-4,
     ),
 }
+# APOLLO beside them, kept apart so the GaLore-only tests above do not run it with a GaLoreConfig
+APOLLO_FORMS = {"apollo": (lambda params, **kw: ApolloAdamW(params, lr=1e-2, weight_decay=0.01, **kw), 1e-4)}
 
 
 def _model() -> torch.nn.Sequential:
@@ -53,7 +63,8 @@ def _optimizer(model, form: str, config: GaLoreConfig, targets: int | None = Non
     """GaLore on the first `targets` weights (all of them by default); the rest by the rule `config.others` names."""
     targets = [p for p in model.parameters() if p.dim() == 2][:targets]
     names = {p: n for n, p in model.named_parameters()}
-    return FORMS[form][0](model.parameters(), galore_params=targets, galore_config=config, param_names=names)
+    build = {**FORMS, **APOLLO_FORMS}[form][0]
+    return build(model.parameters(), galore_params=targets, galore_config=config, param_names=names)
 
 
 def _state_bytes(optimizer) -> dict[str, int]:
@@ -301,3 +312,25 @@ def test_the_fira_residual_trains_sharded_as_in_one_process(tmp_path, form):
     """`residual=fira`: the residual G - back(R) needs the whole basis on each rank's rows (gathered just in time)."""
     config = GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, residual="fira")
     _check_parity(run_on_ranks(tmp_path, _sharded_run, form, config), form, config)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"], ids=["apollo", "apollo-mini"])
+def test_apollo_sharded_equals_one_process_and_gathers_nothing(tmp_path, scale_type):
+    """Every rank draws the same r×n P from the seed, so nothing is ever gathered: the channel factors are per row
+    (local), and the only collectives are the step's finite flags (one all-reduce of one float per parameter) and
+    all-reduces of one float (the limiter's norm; tensor-wise also ‖U‖ and ‖R‖)."""
+    rank = 1 if scale_type == "tensor" else RANK
+    config = ApolloConfig(rank=rank, update_proj_gap=GAP, scale_type=scale_type)
+    results = run_on_ranks(tmp_path, _sharded_run, "apollo", config)
+    model, optimizer = _single_run("apollo", ApolloConfig(**{**config.group_options(), "proj_type": "right"}))
+    for result in results:
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(result["weights"][name], param.detach(), atol=1e-4, rtol=0)
+        assert result["state_bytes"]["bases"] == 0
+        assert all(step[0] == ("c10d.allreduce_", 4 * 6, 4 * 6) for step in result["traffic"])  # the flags
+        records = [record for step in result["traffic"] for record in step[1:]]
+        assert records and {op for op, _, _ in records} == {"c10d.allreduce_"}
+        assert {sent for _, sent, _ in records} == {4}, records
+    single = _state_bytes(optimizer)
+    assert sum(r["state_bytes"]["row_wise"] for r in results) == single["row_wise"]
+    assert not torch.equal(model[0].weight, _model()[0].weight)

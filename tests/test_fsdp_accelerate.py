@@ -87,7 +87,9 @@ def _accelerate_run(rank: int, optim: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise", "galore_adafactor"])
+@pytest.mark.parametrize(
+    "optim", ["galore_adamw", "galore_adamw_layerwise", "galore_adafactor", "apollo_adamw", "apollo_adamw_layerwise"]
+)
 def test_the_trainers_fsdp2_sequence_equals_one_process(tmp_path, optim):
     results = run_on_ranks(tmp_path, _accelerate_run, optim)
     reference, optimizer = _build(_args(optim.removesuffix("_layerwise")))
@@ -117,6 +119,8 @@ PLANNED = {
     "galore_adamw": "rank=4,refresh_method=exact",
     "galore_adamw_8bit": "rank=4,min_8bit_size=200",
     "galore_adafactor": "rank=4",
+    "apollo_adamw": "rank=4",
+    "apollo_adamw_layerwise": "rank=1,scale_type=tensor",
     "adamw_torch": None,
 }
 

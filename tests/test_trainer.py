@@ -9,7 +9,7 @@ from conftest import LLAMA_VOCAB, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import hf_galore
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes
+from hf_galore import ApolloAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, expected_state_bytes
 from hf_galore.callback import GaLoreCallback
 from hf_galore.trainer_factory import GALORE_OPTIMIZERS, check_supported, fsdp_version
 
@@ -101,22 +101,27 @@ def test_adafactor_gets_a_fixed_scheduled_lr(tmp_path):
     assert group["relative_step"] is False and group["scale_parameter"] is False
 
 
-def test_memory_figures_in_log_history_equal_the_analytic_count(tmp_path):
-    trainer = train(tmp_path, "galore_adamw", max_steps=2)
+@pytest.mark.parametrize("optim", ["galore_adamw", "apollo_adamw"])
+def test_memory_figures_in_log_history_equal_the_analytic_count(tmp_path, optim):
+    trainer = train(tmp_path, optim, max_steps=2)
     optimizer = trainer.optimizer.optimizer
+    member = {"stored_basis": False, "limiter": True} if optim == "apollo_adamw" else {}  # APOLLO: P regenerated
     expected = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            expected += expected_state_bytes(tuple(p.shape), form="adamw", rank=group.get("rank"))
+            options = member if "rank" in group else {}
+            expected += expected_state_bytes(tuple(p.shape), form="adamw", rank=group.get("rank"), **options)
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["galore/optimizer_state_mb"] == pytest.approx(expected / 2**20, rel=1e-12)
     adamw = sum(2 * 4 * p.numel() for p in trainer.model.parameters())
     assert entry["galore/adamw_equivalent_mb"] == pytest.approx(adamw / 2**20, rel=1e-12)
     assert entry["galore/state_saving_pct"] == pytest.approx(100 * (1 - expected / adamw))
-    assert entry["galore/peak_memory_mb"] > 0 and entry["galore/refresh_seconds"] > 0  # step 0 refreshes
+    assert entry["galore/peak_memory_mb"] > 0 and entry["galore/refresh_seconds"] > 0  # step 0 refreshes (draws)
 
 
-@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise"])
+@pytest.mark.parametrize(
+    "optim", ["galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "apollo_adamw", "apollo_adamw_layerwise"]
+)
 def test_resume_mid_interval_reproduces_the_uninterrupted_run(optim, tmp_path):
     # update_proj_gap=4: refreshes at global steps 0, 4, 8; the checkpoint at step 6 is mid-interval.
     common = {"max_steps": 10, "save_strategy": "steps", "save_steps": 6, "max_grad_norm": 0.0}
@@ -128,10 +133,11 @@ def test_resume_mid_interval_reproduces_the_uninterrupted_run(optim, tmp_path):
         assert torch.equal(p, q)
 
 
-def test_layerwise_with_accumulation_matches_the_whole_model_form(tmp_path):
+@pytest.mark.parametrize("optim", ["galore_adamw", "apollo_adamw"])
+def test_layerwise_with_accumulation_matches_the_whole_model_form(tmp_path, optim):
     common = {"gradient_accumulation_steps": 4, "per_device_train_batch_size": 2, "max_steps": 5, "max_grad_norm": 0.0}
-    whole = train(tmp_path / "whole", "galore_adamw", **common)
-    layerwise = train(tmp_path / "layerwise", "galore_adamw_layerwise", **common)
+    whole = train(tmp_path / "whole", optim, **common)
+    layerwise = train(tmp_path / "layerwise", f"{optim}_layerwise", **common)
     # Same arithmetic in a different order of parameters: per-parameter updates are independent, so the
     # weights agree to float32 rounding (the gradient sums are identical; only loss logging differs).
     for p, q in zip(whole.model.parameters(), layerwise.model.parameters()):
@@ -207,6 +213,8 @@ EXPECTED_BUILDS = {
     "galore_adamw_layerwise": (GaLoreAdamW, True),
     "galore_adamw_8bit_layerwise": (GaLoreAdamW8bit, True),
     "galore_adafactor_layerwise": (GaLoreAdafactor, True),
+    "apollo_adamw": (ApolloAdamW, False),
+    "apollo_adamw_layerwise": (ApolloAdamW, True),
 }
 
 
@@ -288,15 +296,19 @@ def test_resume_with_a_new_rank_raises_before_training_and_a_new_scale_is_taken(
     assert any("scale 0.5 -> 2.0" in r.getMessage() for r in galore_log)
 
 
-def test_a_truncated_optimizer_checkpoint_is_named(tmp_path):
+def test_a_truncated_optimizer_checkpoint_is_named_before_anything_loads(tmp_path):
     common = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "max_grad_norm": 0.0}
     train(tmp_path, "galore_adamw", **common)
     path = tmp_path / "checkpoint-2" / "optimizer.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    trainer = Trainer(model=tiny_llama(seed=1), args=make_args(tmp_path, **common), train_dataset=RandomTokens())
     with pytest.raises(
-        RuntimeError, match=r"optimizer\.pt is truncated \([\d,]+ bytes, its zip directory is missing\)"
+        ValueError,
+        match=r"optimizer\.pt is truncated \([\d,]+ bytes, its zip directory is missing\).* or set "
+        r"HF_GALORE_FRESH_OPTIMIZER=1 to load its weights and start the optimizer afresh",
     ):
-        train(tmp_path, "galore_adamw", resume=str(tmp_path / "checkpoint-2"), **common)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), tiny_llama(seed=1).parameters()))
 
 
 def test_peft_wrapped_model_trains_unfrozen_weights_and_never_the_adapters(tmp_path):
@@ -338,3 +350,31 @@ def test_training_again_with_the_same_trainer_keeps_the_refresh_cadence_and_a_fr
     assert refreshes == [False, False, True, False, False, False]
     summaries = [r.getMessage() for r in galore_log if "basis refreshes took" in r.getMessage()]
     assert len(summaries) == 2 and "; 14 basis refreshes" in summaries[-1]  # this call's refreshes only
+
+
+def test_apollo_names_take_transformers_keys_and_defaults_without_apollo_torch(tmp_path):
+    """transformers' own `apollo_adamw` keys (rank, proj, scale_type, update_proj_gap, scale, proj_type) with its
+    defaults, hf_galore's `others`, and APOLLO-Mini by its two keys; apollo-torch is not installed here."""
+    from transformers.utils import is_apollo_torch_available
+
+    assert not is_apollo_torch_available()
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+        make_args(tmp_path, "apollo_adamw", optim_args=None), tiny_llama()
+    )
+    config = kwargs["galore_config"]
+    assert cls is ApolloAdamW and (config.rank, config.proj, config.scale_type) == (128, "random", "channel")
+    assert (config.update_proj_gap, config.scale, config.proj_type) == (200, 1.0, "std")
+    mini = "rank=1,proj=random,scale_type=tensor,update_proj_gap=50,scale=11.3,proj_type=std,others=adafactor"
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+        make_args(tmp_path, "apollo_adamw", optim_args=mini), tiny_llama()
+    )
+    config = kwargs["galore_config"]
+    assert (config.rank, config.scale_type, config.update_proj_gap, config.scale, config.others) == (
+        1, "tensor", 50, 11.3, "adafactor"
+    )  # fmt: skip
+    trainer = train(tmp_path, "apollo_adamw", optim_args="rank=1,scale_type=tensor,update_proj_gap=2", max_steps=3)
+    assert isinstance(trainer.optimizer.optimizer, ApolloAdamW) and losses(trainer)[-1][1] < losses(trainer)[0][1]
+    with pytest.raises(ValueError, match=r"Invalid residual='fira' for APOLLO"):
+        Trainer.get_optimizer_cls_and_kwargs(
+            make_args(tmp_path, "apollo_adamw", optim_args="residual=fira"), tiny_llama()
+        )

@@ -57,9 +57,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_galore  # noqa: F401  registers hf_galore's optimizers for --optim galore_*
+from hf_galore.checkpoints import newest_complete_checkpoint
 
 # -- config: defaults for TrainingArguments; any flag on the command line overrides them ---------------------------
 DEFAULTS: dict[str, Any] = {
@@ -237,10 +237,11 @@ def build_examples(
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint last` means the newest checkpoint in --output_dir."""
+    """`--resume_from_checkpoint last` means the newest complete checkpoint in --output_dir (a half-written newer one,
+    from a run killed mid-save, is skipped with a warning)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint == "last":
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+        checkpoint = newest_complete_checkpoint(training_args.output_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
     return checkpoint

@@ -1,15 +1,15 @@
 """GaLore optimizers for Hugging Face users: low-rank optimizer state, full-rank weights.
 
-Importing the package registers hf_galore as what transformers' `--optim galore_*` names build.
+Importing the package registers hf_galore as what transformers' `--optim galore_*` and `apollo_adamw*` names build.
 """
 
 from .callback import GaLoreCallback
-from .config import PROJ_TYPES, GaLoreConfig
+from .config import PROJ_TYPES, ApolloConfig, GaLoreConfig
 from .core import GaLoreOptimizer, RefreshStats
 from .integration import register
 from .log import configure_library_logger
 from .memory import expected_state_bytes, optimizer_state_bytes
-from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .optimizers import ApolloAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .targets import select_targets
 
 configure_library_logger()
@@ -17,6 +17,8 @@ register()
 
 __all__ = [
     "PROJ_TYPES",
+    "ApolloAdamW",
+    "ApolloConfig",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

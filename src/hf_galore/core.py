@@ -18,20 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import GROUP_DEFAULTS, OTHERS, GaLoreConfig, validate_galore_options
+from .config import OTHERS, GaLoreConfig
+from .family import GALORE, GaLoreRule
 from .inner import MIN_8BIT_SIZE, InnerUpdate, inner_rule, rule_defaults, rule_family
 from .layerwise import LayerwiseHooks, accelerate_sync_gradients
 from .log import warn_at_caller
 from .projector import (
-    add_projected_back_,
     compute_bases,
     effective_rank,
     identity_bases,
     project,
+    projection_sides,
     resolve_proj_type,
     subspace_overlap,
 )
-from .residual import fira_residual
 from .resume import Resumable
 from .schedule import schedule_after_refresh, stagger_offsets
 from .sharding import (
@@ -100,6 +100,11 @@ def split_galore_groups(
 
     This keeps whatever grouping the caller made (the Trainer's weight-decay split, say) and adds GaLore to it.
     """
+    if isinstance(galore_params, Tensor):
+        raise TypeError(
+            f"Invalid galore_params: a single tensor of shape {tuple(galore_params.shape)} (iterating it would give "
+            "its rows). Pass a list of the weights to project, e.g. galore_params=[model.fc.weight]."
+        )
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -145,7 +150,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     A parameter whose gradient holds NaN or inf is not updated at all (weights, moments, step count and refresh
     schedule untouched); one warning names it and `pop_skipped_updates()` reports it.
+
+    `outer` is the family member (`hf_galore.family`): GaLore here, APOLLO in `ApolloAdamW`.
     """
+
+    outer: GaLoreRule = GALORE
 
     def __init__(
         self,
@@ -177,14 +186,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
+        self._frozen_here: list[Tensor] = []  # what others=frozen turned off (trainable before): unfreeze_others()
         if galore_params is not None:
-            params = split_galore_groups(params, galore_params, as_galore_config(galore_config), inner)
+            config = as_galore_config(galore_config, self.outer.config_cls)
+            params = split_galore_groups(params, galore_params, config, inner)
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         self._names: dict[tuple[int, int], str] = {}
+        by_id = self._names_by_id = {id(p): name for p, name in _checked_param_names(param_names).items()}
         super().__init__(params, defaults)
         # Kept by position in the groups: accelerate's FSDP2 prepare swaps each parameter for its sharded one there.
-        by_id = {id(p): name for p, name in (param_names or {}).items()}
+        self._names_by_id = {}
         self._names = {
             (g, i): by_id[id(p)]
             for g, group in enumerate(self.param_groups)
@@ -221,13 +233,16 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     def param_name(self, param: Tensor) -> str:
         """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
+        return self._known_name(param) or f"a parameter shaped {tuple(param.shape)}"
+
+    def _known_name(self, param: Tensor) -> str | None:
         for g, group in enumerate(self.param_groups):
             for index, member in enumerate(group["params"]):
                 if member is param and (g, index) in self._names:
                     return self._names[g, index]
                 if member is param and "param_names" in group:
                     return group["param_names"][index]
-        return f"a parameter shaped {tuple(param.shape)}"
+        return self._names_by_id.get(id(param))  # while the constructor adds the groups
 
     # ---- groups -----------------------------------------------------------------------------------------------
 
@@ -248,6 +263,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.has_hooks:  # layer-wise, hooked already: the new group's tensors update from backward too
+            self.register_hooks()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -258,17 +275,30 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             raise ValueError(f"Invalid {weight_decay=}. Must be >= 0.0.")
         if not self._validate_inner_key(group):
             return
+        for param in group["params"]:
+            if param.is_complex():
+                raise ValueError(
+                    f"Invalid parameter {self._described(param)}, dtype {str(param.dtype).removeprefix('torch.')}: "
+                    f"{type(self).__name__} does not support complex parameters (its moments, 8-bit blocks and "
+                    "projections are real). Optimize them with a torch optimizer of their own, or store them as real "
+                    "pairs (torch.view_as_real)."
+                )
         self.rule_for(group).validate_group(group)
         if not is_galore_group(group):
             return
-        for key, default in GROUP_DEFAULTS.items():
+        for key, default in self.outer.group_defaults.items():
             group.setdefault(key, default)
-        validate_galore_options(group)
+        group.update(self.outer.validate(group))
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
-                    f"Invalid GaLore parameter {self.param_name(param)} of shape {tuple(param.shape)}: `rank` applies "
-                    "to 2-D weights only; put 1-D and N-D parameters in a group without `rank`."
+                    f"Invalid GaLore parameter {self._described(param)}: `rank` applies to 2-D weights only; put 1-D "
+                    "and N-D parameters in a group without `rank`."
+                )
+            if param.numel() == 0:
+                raise ValueError(
+                    f"Invalid GaLore parameter {self._described(param)}: it has no elements, so there is no "
+                    "gradient to project. Leave it out of galore_params (or put it in a group without `rank`)."
                 )
         clipped = sorted(
             {tuple(p.shape) for p in group["params"] if effective_rank(tuple(p.shape), group["rank"]) < group["rank"]}
@@ -278,6 +308,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 f"GaLore rank={group['rank']} exceeds min(m, n) of weights shaped {clipped}; "
                 "their rank is clipped to min(m, n)."
             )
+
+    def _described(self, param: Tensor) -> str:
+        """`name of shape (m, n)`, or only `of shape (m, n)` when the name is unknown."""
+        name, shape = self._known_name(param), f"of shape {tuple(param.shape)}"
+        return shape if name is None else f"{name} {shape}"
 
     def _log_frozen(self) -> None:
         frozen = [p for group in self.param_groups if is_frozen_group(group) for p in group["params"]]
@@ -292,6 +327,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 more,
             )
 
+    def unfreeze_others(self) -> None:
+        """Give back `requires_grad=True` to the tensors `others=frozen` turned off (those trainable before), so the
+        model leaves training as it came (the Trainer integration calls this when `train()` ends, however it ends)."""
+        for param in self._frozen_here:
+            param.requires_grad_(True)
+
+    def freeze_others(self) -> None:
+        """Turn `requires_grad` off again on the tensors of `others=frozen` groups (`train()` called again)."""
+        for param in self._frozen_here:
+            param.requires_grad_(False)
+
     def _validate_inner_key(self, group: dict[str, Any]) -> bool:
         """Check a group's `inner` key; freeze a `frozen` group's parameters. Whether the group is trained."""
         form = group.get("inner")
@@ -305,6 +351,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "rule; `inner` is for plain groups (GaLoreConfig.others)."
             )
         if form == FROZEN:
+            self._frozen_here.extend(p for p in group["params"] if p.requires_grad)
             for param in group["params"]:
                 param.requires_grad_(False)
             return False
@@ -372,11 +419,12 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     def _stored_bases(self, param: Tensor, group: dict[str, Any]) -> tuple[Tensor | None, Tensor | None] | None:
         """The (left, right) bases `param`'s update will use, whole (sharded ones gathered, `gather_whole`); None
-        when it has none to reuse (not a GaLore target, or a refresh is due: the refresh makes new ones)."""
+        when it has none to reuse (not a target, or a refresh is due: the refresh makes new ones)."""
         state = self.state.get(param, {})
         if not is_galore_group(group) or NEXT_REFRESH not in state or self._clock(state) >= state[NEXT_REFRESH]:
             return None
-        return gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS))
+        left, right = self._bases(param, state, group, row_shard(param), like=local_tensor(param.grad))
+        return gather_whole(left), gather_whole(right)
 
     def _update_parameter(
         self, param: Tensor, group: dict[str, Any], bases: tuple[Tensor | None, Tensor | None] | None = None
@@ -386,19 +434,20 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         dropped after this parameter's update."""
         shard = row_shard(param)
         weight, grad = local_tensor(param), local_tensor(param.grad)
-        bases = bases or self._stored_bases(param, group)
         state = self.state[param]
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
+        if galore:
+            self._check_unchanged(param, group, state)
+        bases = bases or self._stored_bases(param, group)
         clock = self._clock(state)
         moments = state if shard is None else {k: local_tensor(v) for k, v in state.items()}
-        full_grad, left, right = grad, None, None
+        full_grad = grad
         if galore:
             if bases is None:  # a refresh is due
                 proj_type = self._proj_type(param, group, row_sharded=shard is not None)
                 bases = self._refresh(param, full_grad, state, group, clock, proj_type, shard)
-            left, right = bases
-            grad = project(full_grad, left, right)
+            grad = project(full_grad, *bases)
         step += 1
         state[STEP] = step
         rule = self.rule_for(group)
@@ -411,12 +460,52 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         if not galore:
             weight.sub_(delta)
             return
-        if group["residual"] == "fira" and lr > 0:  # lr 0 (e.g. a checkpoint's template step) moves nothing
-            residual, state[RESIDUAL_NORM] = fira_residual(
-                full_grad, grad, delta, lr, left, right, state.get(RESIDUAL_NORM), shard
+        step_size = lr * rule.bias_correction(group, step)  # Fira and APOLLO scale the raw direction (`scaling`)
+        self.outer.apply(weight, full_grad, grad, delta, step_size, state, group, bases, shard)
+
+    def _bases(
+        self, param: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None, like: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The target's current projection (stored, or regenerated by the outer rule)."""
+        proj_type = self._proj_type(param, group, row_sharded=shard is not None)
+        return self.outer.bases(state, tuple(param.shape), group, proj_type, like)
+
+    def param_seed(self, param: Tensor) -> int:
+        """A seed of `param`'s own, the same on every rank and in every run of this setup: its position in the
+        param groups (kept in state, so a resume with regrouped parameters still draws what it would have)."""
+        for g, group in enumerate(self.param_groups):
+            for index, member in enumerate(group["params"]):
+                if member is param:
+                    return g * 2**20 + index
+        raise ValueError(f"{self.param_name(param)} is not a parameter of this optimizer.")
+
+    def _check_unchanged(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Check a GaLore group again at each update, for edits after it was validated (`param_groups[i]["rank"] =
+        ...`): its options must still be valid, and `rank`/`proj_type` must still give `param`'s bases their shape,
+        since its moments live in that subspace. A few dict reads and shape comparisons per parameter."""
+        try:
+            self.outer.validate(group)
+        except ValueError as err:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            raise ValueError(
+                f"{err} Found in param_groups[{index}] at a step: it was changed during training."
+            ) from None
+        left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
+        if left is None and right is None:
+            return  # no subspace yet: any valid rank and proj_type can start
+        shape = tuple(param.shape)
+        had = (left is not None, right is not None)
+        rank = left.shape[1] if left is not None else right.shape[0]
+        sides = projection_sides(shape, self._proj_type(param, group, row_sharded=row_shard(param) is not None))
+        if sides != had or effective_rank(shape, group["rank"]) != rank:
+            side = {(True, False): "left", (False, True): "right", (True, True): "both sides"}
+            raise ValueError(
+                f"Cannot update {self.param_name(param)} with rank={group['rank']!r}, proj_type={group['proj_type']!r}"
+                f": its moments and bases were built with rank {rank}, projected from the {side[had]}, and these "
+                f"settings give rank {effective_rank(shape, group['rank'])} from the {side[sides]}. rank and "
+                "proj_type cannot change during training (the moments live in the old subspace): set them back, or "
+                "build a new optimizer."
             )
-            weight.add_(residual, alpha=-group["scale"] * lr)
-        add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
 
     def _proj_type(self, param: Tensor, group: dict[str, Any], *, row_sharded: bool) -> str:
         try:
@@ -465,18 +554,18 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         shard: RowShard | None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Refresh the bases and schedule the next refresh (plain ints in state, so resume keeps the schedule).
-        Returns the new (left, right) bases whole; the state keeps them sharded like `param` (`shard_whole_like`)."""
+        Returns the (left, right) bases the update uses, whole; a stored right basis is kept sharded like `param`
+        (`shard_whole_like`: ⌈r/W⌉ of its rows per rank)."""
         start = time.perf_counter()
-        bases, problem = self._new_bases(grad, group, proj_type, shard, seed=clock)
+        bases, problem = self.outer.new_bases(self, param, grad, state, group, proj_type, shard, clock)
         old = (gather_whole(state.get(LEFT_BASIS)), gather_whole(state.get(RIGHT_BASIS)))
         overlap = self._record_refresh(old, bases, time.perf_counter() - start)
         if problem is not None:
             action = "keeping the previous basis" if old != (None, None) else "starting from coordinate axes"
             warn_at_caller(f"GaLore basis refresh skipped for {self.param_name(param)}: {problem}; {action}.")
             bases = old if old != (None, None) else identity_bases(param.shape, group["rank"], proj_type, like=grad)
-        for key, basis in zip((LEFT_BASIS, RIGHT_BASIS), bases):
-            if basis is not None:  # only unsharded weights have a left basis (`resolve_proj_type`)
-                state[key] = shard_whole_like(basis, param) if key == RIGHT_BASIS else basis
+        left, right = bases  # only unsharded weights have a left basis (`resolve_proj_type`)
+        self.outer.keep_bases(state, (left, None if right is None else shard_whole_like(right, param)))
         offset = None
         if group["stagger"] and NEXT_REFRESH not in state:
             index = next(i for i, p in enumerate(group["params"]) if p is param)
@@ -490,6 +579,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             stagger_offset=offset,
         )
         state[REFRESH_INTERVAL] = interval
+        if all(basis is None for basis in bases):  # nothing stored (APOLLO's drawn projection): the rule draws it
+            bases = self._bases(param, state, group, shard, like=grad)
         return bases
 
     def _new_bases(
@@ -539,18 +630,49 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         return stats
 
 
-def as_galore_config(config: GaLoreConfig | Mapping[str, Any] | None) -> GaLoreConfig:
-    """A `GaLoreConfig`: the one given, one built from a dict of its fields, or the default."""
+def _checked_param_names(param_names: Mapping[Tensor, str] | None) -> Mapping[Tensor, str]:
+    """`param_names` when it maps tensors to names; a name -> tensor mapping (`dict(model.named_parameters())`, the
+    other way round) or anything else raises, naming what was found."""
+    if param_names is None:
+        return {}
+    if not isinstance(param_names, Mapping):
+        raise TypeError(
+            f"Invalid param_names of type {type(param_names).__name__}: must be a mapping tensor -> name, e.g. "
+            "{p: n for n, p in model.named_parameters()}."
+        )
+    for key, value in param_names.items():
+        if isinstance(key, str) and isinstance(value, Tensor):
+            raise TypeError(
+                f"Invalid param_names: it maps names to tensors ({key!r} -> a tensor shaped {tuple(value.shape)}), "
+                "the reverse of what is expected. Pass tensor -> name: {p: n for n, p in model.named_parameters()}."
+            )
+        if not isinstance(key, Tensor) or not isinstance(value, str):
+            raise TypeError(
+                f"Invalid param_names entry {type(key).__name__} -> {type(value).__name__}: must map each tensor to "
+                "its name, e.g. {p: n for n, p in model.named_parameters()}."
+            )
+    return param_names
+
+
+def as_galore_config(
+    config: GaLoreConfig | Mapping[str, Any] | None, cls: type[GaLoreConfig] = GaLoreConfig
+) -> GaLoreConfig:
+    """A `cls` (`GaLoreConfig`, or a family member's: `ApolloConfig`): the one given, one built from a dict of its
+    fields, or the default."""
     if config is None:
-        return GaLoreConfig()
-    if isinstance(config, GaLoreConfig):
+        return cls()
+    if type(config) is cls:
         return config
+    if isinstance(config, GaLoreConfig):
+        raise TypeError(
+            f"Invalid galore_config of type {type(config).__name__} for this optimizer: it takes a {cls.__name__}."
+        )
     if isinstance(config, Mapping):
-        valid = GaLoreConfig.__dataclass_fields__
+        valid = cls.__dataclass_fields__
         unknown = sorted(set(config) - set(valid))
         if unknown:
             raise ValueError(
                 f"Invalid galore_config key(s) {', '.join(map(repr, unknown))}. Valid keys: {', '.join(valid)}."
             )
-        return GaLoreConfig(**config)
-    raise TypeError(f"Invalid galore_config={config!r}: must be a GaLoreConfig, a dict of its fields, or None.")
+        return cls(**config)
+    raise TypeError(f"Invalid galore_config={config!r}: must be a {cls.__name__}, a dict of its fields, or None.")

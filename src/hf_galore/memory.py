@@ -8,12 +8,14 @@ import sys
 import torch
 from torch import Tensor
 
-from .config import ProjType
+from .config import ProjType, checked_rank
 from .inner import InnerForm, InnerUpdate, inner_rule
 from .projector import effective_rank, projected_shape, projection_sides
 from .sharding import local_tensor
 
 __all__ = ["InnerForm", "expected_state_bytes", "optimizer_state_bytes", "peak_memory_mb"]
+
+LIMITER_BYTES = 4  # a norm-growth limiter's norm: a float32 0-d tensor per target (APOLLO)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -49,8 +51,13 @@ def expected_state_bytes(
     proj_type: ProjType = "std",
     min_8bit_size: int | None = None,
     adafactor_beta1: bool | None = None,
+    stored_basis: bool = True,
+    limiter: bool = False,
 ) -> int:
     """State bytes for one parameter: the inner rule's state for the (projected) shape plus, for GaLore, the basis.
+
+    APOLLO (`ApolloRule.state_options`): with `stored_basis=False` (its random projection, regenerated from a seed)
+    no basis; `limiter` adds the norm-growth limiter's float32 scalar.
 
     `form` is an inner rule (`AdamW8bitUpdate(min_8bit_size=256)`, which knows its own footprint) or its name:
     `adamw`, `adamw8bit` (with `min_8bit_size`, default 4096) or `adafactor` (with `adafactor_beta1`: whether a first
@@ -70,7 +77,13 @@ def expected_state_bytes(
     shape = tuple(shape)
     if rank is None:
         return rule.state_bytes(shape, dtype)
+    rank = checked_rank(rank)
     left, right = projection_sides(shape, proj_type)
     r = effective_rank(shape, rank)
-    basis_entries = r * shape[0] * left + r * shape[1] * right
-    return rule.state_bytes(projected_shape(shape, rank, proj_type), dtype) + basis_entries * dtype.itemsize
+    basis_entries = (r * shape[0] * left + r * shape[1] * right) * stored_basis
+    limiter_bytes = LIMITER_BYTES if limiter else 0
+    return (
+        rule.state_bytes(projected_shape(shape, rank, proj_type), dtype)
+        + basis_entries * dtype.itemsize
+        + limiter_bytes
+    )

@@ -1,4 +1,5 @@
-"""The public GaLore optimizers: the one core with AdamW, 8-bit AdamW or Adafactor as the inner rule.
+"""The public optimizers of the low-rank family: the one core with AdamW, 8-bit AdamW or Adafactor as the inner rule,
+and GaLore's or APOLLO's outer rule (`hf_galore.family`).
 
 Defaults follow the plain optimizer each one stands for (torch.optim.AdamW, bitsandbytes AdamW8bit,
 transformers Adafactor), so a param group without `rank` behaves exactly like it. Each also takes the core's
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .core import GaLoreOptimizer
+from .family import APOLLO
 from .inner import MIN_8BIT_SIZE, AdafactorUpdate, AdamW8bitUpdate, AdamWUpdate
 
 
@@ -29,6 +31,18 @@ class GaLoreAdamW(GaLoreOptimizer):
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, inner=AdamWUpdate(), **galore)
+
+
+class ApolloAdamW(GaLoreAdamW):
+    """APOLLO (Zhu et al., 2025): AdamW's moments of a random rank-r projection set one learning-rate scale per
+    channel (APOLLO) or per tensor (APOLLO-Mini: rank 1, scale_type='tensor') of each target's full gradient.
+
+    Same arguments as GaLoreAdamW: targets come as `galore_params` + `galore_config` (an `ApolloConfig` or a dict of
+    its fields), or as groups with a `rank` key (APOLLO's keys `proj` and `scale_type` and the rest default as in
+    `ApolloConfig`).
+    """
+
+    outer = APOLLO
 
 
 class GaLoreAdamW8bit(GaLoreOptimizer):

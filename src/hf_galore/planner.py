@@ -27,7 +27,7 @@ import torch
 
 from .config import GaLoreConfig
 from .inner import MIN_8BIT_SIZE, inner_rule, others_rule
-from .memory import expected_state_bytes
+from .memory import LIMITER_BYTES, expected_state_bytes
 from .projector import TEST_MATRIX_BLOCK, effective_rank, resolve_proj_type
 from .sharding import RowShard
 from .trainer_factory import GALORE_OPTIMIZERS
@@ -92,19 +92,32 @@ def state_bytes(
     min_8bit_size: int,
     world: int | None = None,
     others: str = "same",
+    target_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Bytes optimizer `optim` allocates for these trainable tensors (what `optimizer_state_bytes` measures); with
     `world`, on the largest rank of FSDP2 over `world` processes (module docstring). A GaLore optimizer trains the
-    tensors that are not targets with the rule `others` names (`GaLoreConfig.others`; frozen: none)."""
+    tensors that are not targets with the rule `others` names (`GaLoreConfig.others`; frozen: none).
+    `target_options` are the family member's `expected_state_bytes` keywords (`GaLoreRule.state_options`)."""
+    target_options = dict(target_options or {})
     if world is not None:
         return _sharded_state_bytes(
-            tensors, optim, rank=rank, proj_type=proj_type, min_8bit_size=min_8bit_size, world=world, others=others
+            tensors,
+            optim,
+            rank=rank,
+            proj_type=proj_type,
+            min_8bit_size=min_8bit_size,
+            world=world,
+            others=others,
+            target_options=target_options,
         )
     if optim in GALORE_OPTIMIZERS:
         rule = inner_rule(GALORE_OPTIMIZERS[optim].form, min_8bit_size=min_8bit_size)
         other_rule = others_rule(GALORE_OPTIMIZERS[optim].form, others, min_8bit_size=min_8bit_size)
         return sum(
-            count * expected_state_bytes(tensor.shape, form=rule, dtype=tensor.dtype, rank=rank, proj_type=proj_type)
+            count
+            * expected_state_bytes(
+                tensor.shape, form=rule, dtype=tensor.dtype, rank=rank, proj_type=proj_type, **target_options
+            )
             if tensor.target
             else count * (0 if other_rule is None else other_rule.state_bytes(tensor.shape, tensor.dtype))
             for tensor, count in tensors.items()
@@ -138,6 +151,7 @@ def _sharded_state_bytes(
     min_8bit_size: int,
     world: int,
     others: str = "same",
+    target_options: Mapping[str, Any],
 ) -> int:
     """`state_bytes` on the largest rank: each rule's state for the rank's ⌈m/W⌉ rows (8-bit or not by the whole
     tensor's size, as `init_state` decides with a shard), GaLore targets projected from the right with ⌈r/W⌉ rows
@@ -157,8 +171,10 @@ def _sharded_state_bytes(
             except ValueError as err:
                 raise ValueError(f"the {tensor.shape[0]}x{tensor.shape[1]} targets: {err}") from None
             r = effective_rank(tensor.shape, rank)
-            basis = shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize  # ⌈r/W⌉ of the basis' r rows
-            inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + basis
+            stored = target_options.get("stored_basis", True)  # ⌈r/W⌉ of the basis' r rows, if it keeps one
+            basis = shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize * stored
+            limiter = LIMITER_BYTES if target_options.get("limiter") else 0
+            inner = rule.state_bytes((local[0], r), tensor.dtype, shard) + basis + limiter
         elif galore:
             inner = 0 if other_rule is None else other_rule.state_bytes(local, tensor.dtype, shard)
         else:
@@ -175,7 +191,8 @@ def refresh_workspace(
     exact: `svd(G.float())` holds a float32 G (m×n; torch copies it for LAPACK even when G is float32), U (m×k), S (k)
     and Vᵀ (k×n), k = min(m, n). randomized: G.float() (a copy only when G is not float32), the sketch and its QR
     (2·m·l), the Gaussian test matrix, Gᵀ·Q and Qᵀ·G (3·n·l) and the small SVD (l×l), l = min(rank + oversample, m, n).
-    The solvers' own scratch is not counted.
+    The solvers' own scratch is not counted. APOLLO's random projection (`proj='random'`) has no refresh to speak
+    of; the figure is what its step holds: the float32 copy of G it scales (the rank's rows) and the drawn P.
 
     With `world` (FSDP2, the largest rank): exact gathers the m×n gradient (padded to W·⌈m/W⌉ rows) and runs the
     same SVD; randomized holds the rank's m_i = ⌈m/W⌉ rows as float32 (a copy unless float32), the test matrix's
@@ -189,7 +206,9 @@ def refresh_workspace(
         if not tensor.target:
             continue
         m, n = tensor.shape
-        if world is not None:
+        if getattr(config, "proj", None) == "random":
+            sizes.append(4 * ((m if world is None else shard_rows(m, world)) * n + min(rank, m, n) * max(m, n)))
+        elif world is not None:
             local = shard_rows(m, world)
             gathered_basis = world * shard_rows(effective_rank(tensor.shape, rank), world) * n * tensor.dtype.itemsize
             if config.refresh_method == "exact":
@@ -216,8 +235,8 @@ def refresh_communication(tensors: Mapping[TensorKind, int], config: GaLoreConfi
     """Bytes each rank exchanges (all-reduce sizes, all-gather results) when every GaLore target refreshes its basis
     under FSDP2 over `world` processes (0 for one): randomized, (1 + power_iters) all-reduces of n×k float32, one of
     k×k float64 and one of n×r float32 (k = min(rank + oversample, m, n), r = min(rank, m, n)), whatever `world`;
-    exact, the m×n float32 all-gather."""
-    if world == 1:
+    exact, the m×n float32 all-gather. APOLLO's random projection: none (every rank draws the same P from its seed)."""
+    if world == 1 or getattr(config, "proj", None) == "random":
         return 0
     total = 0
     for tensor, count in tensors.items():
@@ -233,21 +252,31 @@ def refresh_communication(tensors: Mapping[TensorKind, int], config: GaLoreConfi
     return total
 
 
-def step_communication(tensors: Mapping[TensorKind, int], optim: str, rank: int | None, world: int) -> int:
+def step_communication(
+    tensors: Mapping[TensorKind, int],
+    optim: str,
+    rank: int | None,
+    world: int,
+    target_options: Mapping[str, Any] | None = None,
+) -> int:
     """Bytes each rank exchanges every step outside refreshes under FSDP2 (all-gather results, all-reduce sizes),
-    beside FSDP2's own: per GaLore target its basis gathered (W·⌈r/W⌉×n in the weights' dtype: r·n values when W
-    divides r), for Adafactor its column statistic and two scalars (4·(r + 2)); and one float per trainable tensor,
-    the step's finite check. None of it for plain optimizers or one process."""
+    beside FSDP2's own: per target its stored basis gathered (W·⌈r/W⌉×n in the weights' dtype: r·n values when W
+    divides r; APOLLO's random projection is drawn, not gathered), the norm-growth limiter's float (Fira, APOLLO),
+    for Adafactor its column statistic and two scalars (4·(r + 2)); and one float per trainable tensor, the step's
+    finite check. `target_options` as `state_bytes` takes them. None of it for plain optimizers or one process."""
     if world == 1 or optim not in GALORE_OPTIMIZERS:
         return 0
+    options = target_options or {}
     adafactor = GALORE_OPTIMIZERS[optim].form == "adafactor"
     total = 0
     for tensor, count in tensors.items():
         per_tensor = 4  # the finite flag
         if tensor.target:
             r = effective_rank(tensor.shape, rank)
-            per_tensor += world * shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize
+            if options.get("stored_basis", True):
+                per_tensor += world * shard_rows(r, world) * tensor.shape[1] * tensor.dtype.itemsize
             per_tensor += 4 * (r + 2) if adafactor else 0
+            per_tensor += 4 if options.get("limiter") else 0
         total += count * per_tensor
     return total
 

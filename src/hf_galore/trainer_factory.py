@@ -1,4 +1,5 @@
-"""What transformers' `--optim galore_*` names build: hf_galore's optimizers, every optimizer setting forwarded.
+"""What transformers' `--optim galore_*` and `apollo_adamw*` names build: hf_galore's optimizers, every optimizer
+setting forwarded (apollo-torch is not needed: `apollo_adamw` builds `ApolloAdamW`).
 
 The handler returns the optimizer class and its keyword arguments, never `params`: the Trainer keeps building the
 param groups itself (its weight-decay exclusions, frozen parameters skipped, a subclass's
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config import GaLoreConfig, parse_optim_args, split_optim_args
 from .inner import FROZEN, MIN_8BIT_SIZE, InnerForm, others_rule
-from .optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .optimizers import ApolloAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .report import human_bytes
 from .targets import select_targets
 
@@ -39,6 +40,8 @@ GALORE_OPTIMIZERS: dict[str, GaLoreOptimizerSpec] = {
     "galore_adamw_layerwise": GaLoreOptimizerSpec(GaLoreAdamW, "adamw", layerwise=True),
     "galore_adamw_8bit_layerwise": GaLoreOptimizerSpec(GaLoreAdamW8bit, "adamw8bit", layerwise=True),
     "galore_adafactor_layerwise": GaLoreOptimizerSpec(GaLoreAdafactor, "adafactor", layerwise=True),
+    "apollo_adamw": GaLoreOptimizerSpec(ApolloAdamW, "adamw", layerwise=False),
+    "apollo_adamw_layerwise": GaLoreOptimizerSpec(ApolloAdamW, "adamw", layerwise=True),
 }
 # `--optim_args` keys an optimizer takes beyond the GaLore ones, with their defaults
 _EXTRA_OPTIM_ARGS: dict[type, dict[str, Any]] = {GaLoreAdamW8bit: {"min_8bit_size": MIN_8BIT_SIZE}}
@@ -65,15 +68,20 @@ def fsdp_version(args: TrainingArguments) -> int | None:
     return 1 if "FSDP" in str(state.get("distributed_type") or "") else None
 
 
-def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
-    """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
-    version = fsdp_version(args)
-    if others == FROZEN and version is not None:
+def check_others(name: str, others: str, fsdp: int | None) -> None:
+    """Refuse an `others` form the run cannot honour; shared by training and `hf-galore estimate` (its `--fsdp`)."""
+    if others == FROZEN and fsdp is not None:
         raise NotImplementedError(
             f"--optim {name} with others=frozen cannot run under FSDP: the optimizer is built after the model is "
             "sharded, too late to turn requires_grad off. Freeze the parameters in the model before training "
             "(`param.requires_grad_(False)`), or pick others=adafactor, which keeps a few KiB per table."
         )
+
+
+def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
+    """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
+    version = fsdp_version(args)
+    check_others(name, others, version)
     if version is not None and version != 2:
         raise NotImplementedError(
             f"--optim {name} cannot run on FSDP version {version}: FSDP1 hands the optimizer flat parameters (many "
@@ -130,13 +138,17 @@ def log_others(model: Any, target_ids: set[int], config: GaLoreConfig, form: Inn
 
 
 def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any]]:
-    """transformers optimizer handler for the six `galore_*` names (see `_OPTIMIZER_HANDLERS`)."""
+    """transformers optimizer handler for the six `galore_*` and two `apollo_adamw*` names (`_OPTIMIZER_HANDLERS`)."""
     args, name = ctx.args, optim_name(ctx.args)
     optimizer_cls, form, layerwise = GALORE_OPTIMIZERS[name]
     if ctx.model is None:
         raise ValueError(f"--optim {name} needs the model to choose its target modules; pass `model` to Trainer.")
     # The raw string, parsed strictly: transformers' ctx.optim_args silently keeps the last of a repeated key.
-    config, extra = parse_optim_args(split_optim_args(args.optim_args), extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls))
+    config, extra = parse_optim_args(
+        split_optim_args(args.optim_args),
+        extra=_EXTRA_OPTIM_ARGS.get(optimizer_cls),
+        config_cls=optimizer_cls.outer.config_cls,
+    )
     check_supported(args, name, layerwise, config.others)
     targets = select_targets(
         ctx.model,
@@ -146,6 +158,7 @@ def galore_optimizer_handler(ctx: OptimizerContext) -> tuple[type, dict[str, Any
         form=form,
         proj_type=config.proj_type,
         row_sharded=fsdp_version(args) == 2,  # FSDP2 shards rows: the table shows the side each weight gets there
+        **optimizer_cls.outer.state_options(config),
         **extra,
     )
     kwargs: dict[str, Any] = {**ctx.optimizer_kwargs, "weight_decay": args.weight_decay, **extra}

@@ -65,6 +65,9 @@ class AdafactorUpdate:
             lr *= max(group["eps"][1], float(global_rms(param.float(), _global_numel(param, shard), shard)))
         return lr
 
+    def bias_correction(self, group: dict[str, Any], step: int) -> float:
+        return 1.0  # transformers' Adafactor corrects no moment: its decay schedule starts at 0 instead
+
     def init_state(
         self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
     ) -> None:

@@ -27,6 +27,12 @@ def validate_adam_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid {eps=}. Must be >= 0.0.")
 
 
+def adam_bias_correction(group: dict[str, Any], step: int) -> float:
+    """√(1 − β2ᵗ) / (1 − β1ᵗ): Adam's bias-corrected direction over its raw m / (√v + eps) (eps aside)."""
+    beta1, beta2 = group["betas"]
+    return math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
 def adam_direction(
     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float, eps: float
 ) -> Tensor:
@@ -59,6 +65,9 @@ class AdamWUpdate:
 
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
+
+    def bias_correction(self, group: dict[str, Any], step: int) -> float:
+        return adam_bias_correction(group, step)
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """Two moments in the gradient's dtype."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..sharding import RowShard
-from .adamw import EXP_AVG, EXP_AVG_SQ, validate_adam_group
+from .adamw import EXP_AVG, EXP_AVG_SQ, adam_bias_correction, validate_adam_group
 from .base import layout_bytes
 
 EXP_AVG_ABSMAX = "exp_avg_absmax"
@@ -64,6 +64,9 @@ class AdamW8bitUpdate:
 
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         return group["lr"]
+
+    def bias_correction(self, group: dict[str, Any], step: int) -> float:
+        return adam_bias_correction(group, step)
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard | None = None) -> int:
         """Two uint8 moments and their float32 block constants, or two float32 moments below `min_8bit_size`."""

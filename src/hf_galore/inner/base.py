@@ -44,6 +44,11 @@ class InnerUpdate(Protocol):
     def learning_rate(self, group: dict[str, Any], step: int, param: Tensor, shard: RowShard | None = None) -> float:
         """The step size for this update (`step` counts this update, starting at 1)."""
 
+    def bias_correction(self, group: dict[str, Any], step: int) -> float:
+        """How much larger this update's direction is than the rule's raw moment ratio at `step` (Adam's
+        √(1 − β2ᵗ) / (1 − β1ᵗ); 1 for rules without bias correction). Fira and APOLLO scale and limit the raw ratio and
+        put this factor into the step size, as their authors' code does."""
+
     def update(
         self,
         grad: Tensor,
