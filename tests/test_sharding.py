@@ -34,7 +34,7 @@ def _matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 def _rows_of(full: torch.Tensor, rank: int) -> tuple[torch.Tensor, RowShard]:
     """This rank's rows as FSDP2 cuts them (torch.chunk: ⌈m/W⌉ rows per block, empty blocks past the end)."""
-    chunk = -(-full.shape[0] // WORLD)
+    chunk = -(-full.shape[0] // dist.get_world_size())
     start = min(rank * chunk, full.shape[0])
     local = full[start : start + chunk].clone()
     return local, RowShard(offset=start, global_rows=full.shape[0], group=dist.group.WORLD)
@@ -127,6 +127,26 @@ def test_randomized_refresh_moves_sketches_only_and_a_step_moves_nothing(tmp_pat
         assert [(op, received) for op, _, received in res["exact"]] == [("c10d._allgather_base_", full_bytes)]
         assert [(op, sent) for op, sent, _ in res["left_step"]] == [("c10d.allreduce_", 4 * r * n)]
         torch.testing.assert_close(res["projected"], left.T @ _matrix(m, n), atol=1e-5, rtol=1e-5)
+
+
+def _refresh_traffic_body(rank: int, shape: tuple[int, int], r: int) -> dict:
+    local, shard = _rows_of(_matrix(*shape), rank)
+    with count_collectives() as counter:
+        _, right = compute_bases(local, r, "right", "randomized", shard=shard, **RANDOMIZED)
+    return {"records": _records(counter), "largest": counter.largest_output_bytes, "right": right}
+
+
+def test_randomized_refresh_traffic_and_buffers_are_the_same_at_2_and_4_ranks(tmp_path):
+    """Issue 18 item 2: the refresh exchanges the same collectives, of the same sizes, at W = 2 and W = 4 (no W·k×k
+    gather), and the ranks' bases agree with one process's."""
+    shape, r = (40, 24), 2
+    (tmp_path / "two").mkdir(), (tmp_path / "four").mkdir()
+    two = run_on_ranks(tmp_path / "two", _refresh_traffic_body, shape, r)
+    four = run_on_ranks(tmp_path / "four", _refresh_traffic_body, shape, r, world=4)
+    expected = randomized_right_basis(_matrix(*shape), r, **RANDOMIZED)
+    assert all(res["records"] == two[0]["records"] and res["largest"] == two[0]["largest"] for res in two + four)
+    for res in two + four:
+        torch.testing.assert_close(res["right"], expected, atol=1e-4, rtol=0)
 
 
 ADAFACTOR = {"eps": (1e-30, 1e-3), "beta1": None, "clip_threshold": 1.0, "decay_rate": -0.8}
