@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from ranks import WORLD, run_on_ranks, shard_linears
+from torch.distributed.tensor import DTensor
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import NEXT_REFRESH, STEP
@@ -280,3 +281,38 @@ def test_fsdp2_checkpoints_reshard_between_1_2_and_4_processes(sharded_runs, tmp
     for case, weights in [*(("2->4", r["2->4"]) for r in four), *(c for r in two for c in r.items())]:
         for name, param in reference.named_parameters():
             torch.testing.assert_close(weights[name], param.detach(), atol=1e-4, rtol=0, msg=f"{case} {name}")
+
+
+def _from_replicated_bases(rank: int, directory: Path) -> dict:
+    """A run whose every rank keeps each basis whole as a plain tensor (the layout before bases were sharded: the
+    sharding helper patched to leave them whole) saves after step 4; the current code loads it and continues."""
+    import hf_galore.core
+
+    sharded_helper = hf_galore.core.shard_whole_like
+    hf_galore.core.shard_whole_like = lambda whole, param: whole
+    try:
+        model, optimizer = _sharded("adamw", _config("randomized"))
+        _train(model, optimizer, range(SAVE_AT), rank)
+        replicated = all(
+            not isinstance(s["right_basis"], DTensor) for s in optimizer.state.values() if "right_basis" in s
+        )
+        _save(model, optimizer, directory, rank, WORLD)
+        _train(model, optimizer, range(SAVE_AT, STEPS), rank)
+    finally:
+        hf_galore.core.shard_whole_like = sharded_helper
+    straight = {name: p.full_tensor() for name, p in model.named_parameters()}
+    model, optimizer = _sharded("adamw", _config("randomized"), seed=1)
+    _load(model, optimizer, directory, rank, WORLD)
+    _train(model, optimizer, range(SAVE_AT, STEPS), rank)
+    sharded = all(isinstance(s["right_basis"], DTensor) for s in optimizer.state.values() if "right_basis" in s)
+    resumed = {name: p.full_tensor() for name, p in model.named_parameters()}
+    return {"replicated": replicated, "sharded": sharded, "straight": straight, "resumed": resumed}
+
+
+def test_a_checkpoint_with_replicated_bases_resumes_into_sharded_bases(tmp_path):
+    """Checkpoints written before the bases were sharded (every rank's whole basis, a plain tensor) still load: the
+    distributed checkpointer cuts each rank's rows out of the saved basis, and the run continues as it would have."""
+    for result in run_on_ranks(tmp_path, _from_replicated_bases, tmp_path / "checkpoint"):
+        assert result["replicated"] and result["sharded"]
+        for name, weight in result["straight"].items():
+            torch.testing.assert_close(result["resumed"][name], weight, atol=1e-6, rtol=0, msg=name)
