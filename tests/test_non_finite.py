@@ -97,3 +97,27 @@ def test_layerwise_skips_the_poisoned_parameter_too():
         opt.step()  # one warning per step, for what the hooks skipped in the backward before it
     assert torch.equal(model[2].weight, before)
     assert model[2].weight.grad is None  # freed like every other layer-wise gradient
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_step_between_refreshes_reads_the_device_once(monkeypatch, name):
+    """The finite check is one batched read per step (`.tolist()` of every flag), not one host sync per parameter:
+    on CUDA each of these reads waits for the device. Counted on CPU through the Tensor methods that read a value."""
+    model = tiny_mlp()
+    opt = OPTIMIZERS[name](galore_groups(model, update_proj_gap=10))
+    train(model, opt, batches(2))  # past the first refresh
+    reads = []
+    for method in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            reads.append(_method)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    x, y = batches(1, seed=5)[0]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    reads.clear()
+    opt.step()
+    assert reads == ["tolist"]
