@@ -145,3 +145,14 @@ def test_fused_apply_equals_project_back(proj_type):
     expected = param - 0.5 * project_back(low, left, right)
     add_projected_back_(param, low, left, right, alpha=-0.5)
     torch.testing.assert_close(param, expected)
+
+
+@pytest.mark.parametrize("start,stop", [(0, 2500), (1000, 1030), (1023, 2049), (2400, 2500), (7, 7)])
+def test_gaussian_rows_are_the_same_rows_whatever_the_split(start, stop):
+    """A rank's rows of the refresh's test matrix equal those rows of the whole draw, across block boundaries."""
+    from hf_galore.projector import gaussian_rows
+
+    like = torch.empty(0)
+    whole = gaussian_rows(0, 2500, 2500, 5, seed=3, like=like)
+    assert whole.shape == (2500, 5) and not torch.equal(whole[:1024], whole[1024:2048])  # blocks differ
+    assert torch.equal(gaussian_rows(start, stop, 2500, 5, seed=3, like=like), whole[start:stop])

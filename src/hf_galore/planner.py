@@ -28,7 +28,7 @@ import torch
 from .config import GaLoreConfig
 from .inner import MIN_8BIT_SIZE, inner_rule, others_rule
 from .memory import LIMITER_BYTES, expected_state_bytes
-from .projector import TEST_MATRIX_BLOCK, effective_rank, resolve_proj_type
+from .projector import GAUSSIAN_BLOCK_ROWS, effective_rank, resolve_proj_type
 from .sharding import RowShard
 from .trainer_factory import GALORE_OPTIMIZERS
 
@@ -196,7 +196,7 @@ def refresh_workspace(
 
     With `world` (FSDP2, the largest rank): exact gathers the m×n gradient (padded to W·⌈m/W⌉ rows) and runs the
     same SVD; randomized holds the rank's m_i = ⌈m/W⌉ rows as float32 (a copy unless float32), the test matrix's
-    blocks those rows touch (at most ⌈m_i/1024⌉·1024 rows, `projector.test_matrix_rows`), B_i = G_i·Q (m_i×l) and
+    blocks those rows touch (at most ⌈m_i/1024⌉·1024 rows, `projector.gaussian_rows`), B_i = G_i·Q (m_i×l) and
     its float64 copy, three n×l sketches and the l×l float64 Gram matrix (`randomized_right_basis`): nothing grows
     with W. Between refreshes a step holds one gathered basis (W·⌈r/W⌉×n in the weights' dtype); the larger of the
     two is the workspace.
@@ -217,7 +217,7 @@ def refresh_workspace(
             else:
                 sketch = min(rank + config.oversample, m, n)
                 copy = 0 if tensor.dtype == torch.float32 else local * n
-                drawn = min(m, -(-local // TEST_MATRIX_BLOCK) * TEST_MATRIX_BLOCK)
+                drawn = min(m, -(-local // GAUSSIAN_BLOCK_ROWS) * GAUSSIAN_BLOCK_ROWS)
                 floats = copy + drawn * sketch + local * sketch + 3 * n * sketch
                 sizes.append(4 * floats + 8 * (local * sketch + sketch * sketch))
             sizes.append(gathered_basis)

@@ -55,22 +55,22 @@ def projected_shape(shape: tuple[int, ...], rank: int, proj_type: ProjType) -> t
     return (r if left else shape[0], r if right else shape[1])
 
 
-TEST_MATRIX_BLOCK = 1024  # rows of the Gaussian test matrix drawn from one seed (see `test_matrix_rows`)
+GAUSSIAN_BLOCK_ROWS = 1024  # rows of the Gaussian test matrix drawn from one seed (see `gaussian_rows`)
 
 
-def test_matrix_rows(start: int, stop: int, rows: int, k: int, seed: int, like: Tensor) -> Tensor:
+def gaussian_rows(start: int, stop: int, rows: int, k: int, seed: int, like: Tensor) -> Tensor:
     """Rows [start, stop) of the rows×k Gaussian test matrix Ω of a refresh seeded by `seed`, the same whatever the
-    split: Ω is drawn in blocks of `TEST_MATRIX_BLOCK` rows, block b from its own generator seeded by (seed, b), so a
+    split: Ω is drawn in blocks of `GAUSSIAN_BLOCK_ROWS` rows, block b from its own generator seeded by (seed, b), so a
     rank draws only the blocks its rows touch (transient memory ~1/W of Ω, not the whole m×k) and the global RNG
     (dropout, data order) stays untouched."""
-    first, last = start // TEST_MATRIX_BLOCK, -(-stop // TEST_MATRIX_BLOCK)
+    first, last = start // GAUSSIAN_BLOCK_ROWS, -(-stop // GAUSSIAN_BLOCK_ROWS)
     blocks = []
     for block in range(first, last):
         generator = torch.Generator(device=like.device).manual_seed(seed * 1_000_003 + block)
-        size = min(TEST_MATRIX_BLOCK, rows - block * TEST_MATRIX_BLOCK)
+        size = min(GAUSSIAN_BLOCK_ROWS, rows - block * GAUSSIAN_BLOCK_ROWS)
         blocks.append(torch.randn(size, k, generator=generator, device=like.device, dtype=like.dtype))
     drawn = torch.cat(blocks) if blocks else like.new_zeros(0, k)
-    return drawn[start - first * TEST_MATRIX_BLOCK : stop - first * TEST_MATRIX_BLOCK]
+    return drawn[start - first * GAUSSIAN_BLOCK_ROWS : stop - first * GAUSSIAN_BLOCK_ROWS]
 
 
 def randomized_right_basis(
@@ -87,7 +87,7 @@ def randomized_right_basis(
 
     One algorithm for one process and for row shards, so both give the same basis to float error:
     Ω is the same m×k Gaussian whatever the split (k = rank + oversample, at most min(m, n); each rank draws its own
-    rows, `test_matrix_rows`); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y)); Q = orth(Y) (n×k).
+    rows, `gaussian_rows`); Y = Gᵀ Ω = Σ_i G_iᵀ Ω_i; `power_iters` times Y ← Gᵀ (G orth(Y)); Q = orth(Y) (n×k).
     Then the small SVD of B = G Q (m×k) from its k×k Gram matrix BᵀB = Σ_i B_iᵀ B_i, formed and eigendecomposed in
     float64 (its eigenvectors are B's right singular vectors Vs; float64 keeps the squared condition number harmless).
     Last, one more half power step on the r Ritz directions: the basis is orth(Gᵀ B Vs[:, :r])ᵀ = orth(GᵀG Q
@@ -106,7 +106,7 @@ def randomized_right_basis(
     rank = min(rank, rows, cols)
     k = min(rank + oversample, rows, cols)
     matrix = local_rows.float()
-    omega = test_matrix_rows(offset, offset + local_count, rows, k, seed, like=matrix)
+    omega = gaussian_rows(offset, offset + local_count, rows, k, seed, like=matrix)
     sketch = global_sum(matrix.T @ omega, shard)
     for _ in range(power_iters):
         q, _ = torch.linalg.qr(sketch)
