@@ -228,3 +228,20 @@ def test_defaults_are_transformers_apollo_defaults_and_configs_do_not_mix():
 
     with pytest.raises(TypeError, match=r"galore_config of type GaLoreConfig for this optimizer: it takes a Apollo"):
         ApolloAdamW(model.parameters(), galore_params=[model[0].weight], galore_config=GaLoreConfig(rank=4))
+
+
+def test_a_non_finite_gradient_leaves_weights_moments_and_draw_untouched():
+    model = tiny_mlp()
+    optimizer = apollo(model)
+    train(model, optimizer, batches(3))  # the next step draws a new projection
+    weight = model[0].weight
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[weight].items()}
+    kept = weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weight.grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"skipped the update of 0.weight|skipped the update of a parameter shaped"):
+        optimizer.step()
+    assert torch.equal(weight, kept)
+    for key, value in optimizer.state[weight].items():
+        assert torch.equal(value, before[key]) if torch.is_tensor(value) else value == before[key], key
