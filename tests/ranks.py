@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "hf_galore", "pytest"]
 
 
 def _free_port() -> int:
@@ -37,7 +38,7 @@ def run_on_ranks(tmp_path: Path, body, *args) -> list:
     transformers (through hf_galore) every time, and fork from the test process is unsafe once it has used OpenMP.
     (Python 3.11's fork server ignores the parent's sys.path, so it cannot preload this test module itself.)
     """
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "hf_galore", "pytest"])
+    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
     mp.start_processes(
         _worker, args=(_free_port(), tmp_path, body, args), nprocs=WORLD, join=True, start_method="forkserver"
     )

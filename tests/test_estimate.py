@@ -247,7 +247,7 @@ BAD_INPUT = {
     ),
     "malformed-args": (
         [*TINY, "--optim", "galore_adamw", "--optim_target_modules", "attn", "--optim_args", "rank=4,"],
-        "Must be comma-separated key=value pairs",
+        "Invalid optim_args entry '' in 'rank=4,' (a trailing or doubled comma?): each entry must be key=value",
     ),
     "args-without-galore": ([*TINY, "--optim", "adamw_torch", "--optim_args", "rank=4"], "galore_* optimizers only"),
     "bad-device-memory": ([*TINY, "--device-memory", "24 bananas"], "Invalid memory size '24 bananas'"),

@@ -395,6 +395,36 @@ def test_compare_seeds_mean_sd_and_paired_difference(monkeypatch, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+BAD_COMPARE_FLAGS = {
+    "method-twice": (
+        ["--methods", "galore,lora,galore"],
+        "Invalid --methods 'galore,lora,galore': galore given twice. Name each method once.",
+    ),
+    "method-unknown": (["--methods", "lora,dora"], "Invalid --methods 'lora,dora'. Choose from full, lora, "),
+    "seed-negative": (
+        ["--seeds=-1"],
+        "Invalid seeds '-1': -1 out of range. Give distinct integers from 0 to 4294967295 separated by commas",
+    ),
+    "seed-too-large": (["--seeds", "0,4294967296"], "Invalid seeds '0,4294967296': 4294967296 out of range."),
+    "seed-twice": (["--seeds", "1,0,1"], "Invalid seeds '1,0,1': 1 given twice."),
+    "seed-not-int": (["--seeds", "a"], "Invalid seeds 'a'. Give distinct integers from 0 to 4294967295"),
+}
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_COMPARE_FLAGS.values(), ids=BAD_COMPARE_FLAGS.keys())
+def test_compare_refuses_repeated_or_invalid_methods_and_seeds_before_any_run(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_method", lambda *args: pytest.fail("no run may start"))
+    with pytest.raises(SystemExit):
+        compare.main(flags)
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_sweep_refuses_a_repeated_method(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--methods", "lora,lora"])
+    assert "error: Invalid --methods 'lora,lora': lora given twice." in capsys.readouterr().err
+
+
 def test_compare_reuse_runs_only_the_missing_seeds(monkeypatch, tmp_path, capsys):
     calls = []
 

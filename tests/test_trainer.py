@@ -296,15 +296,19 @@ def test_resume_with_a_new_rank_raises_before_training_and_a_new_scale_is_taken(
     assert any("scale 0.5 -> 2.0" in r.getMessage() for r in galore_log)
 
 
-def test_a_truncated_optimizer_checkpoint_is_named(tmp_path):
+def test_a_truncated_optimizer_checkpoint_is_named_before_anything_loads(tmp_path):
     common = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "max_grad_norm": 0.0}
     train(tmp_path, "galore_adamw", **common)
     path = tmp_path / "checkpoint-2" / "optimizer.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    trainer = Trainer(model=tiny_llama(seed=1), args=make_args(tmp_path, **common), train_dataset=RandomTokens())
     with pytest.raises(
-        RuntimeError, match=r"optimizer\.pt is truncated \([\d,]+ bytes, its zip directory is missing\)"
+        ValueError,
+        match=r"optimizer\.pt is truncated \([\d,]+ bytes, its zip directory is missing\).* or set "
+        r"HF_GALORE_FRESH_OPTIMIZER=1 to load its weights and start the optimizer afresh",
     ):
-        train(tmp_path, "galore_adamw", resume=str(tmp_path / "checkpoint-2"), **common)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), tiny_llama(seed=1).parameters()))
 
 
 def test_peft_wrapped_model_trains_unfrozen_weights_and_never_the_adapters(tmp_path):

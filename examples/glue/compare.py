@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,39 @@ def run_method(name: str, flags: list[str], extra: list[str], output_dir: Path) 
     return result
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds (transformers' set_seed seeds numpy too) are 0 .. 2**32 - 1
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; duplicates and non-integers raise."""
+    """'0,1,2' -> [0, 1, 2]; duplicates, non-integers and seeds numpy cannot take (negative, >= 2**32) raise."""
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"Invalid seeds {text!r}. Give distinct integers separated by commas, e.g. 0,1,2.")
+    accepted = f"Give distinct integers from 0 to {MAX_SEED} separated by commas, e.g. 0,1,2."
+    if not seeds:
+        raise ValueError(f"Invalid seeds {text!r}. {accepted}")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ValueError(f"Invalid seeds {text!r}: {', '.join(map(str, repeated))} given twice. {accepted}")
+    outside = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if outside:
+        raise ValueError(f"Invalid seeds {text!r}: {', '.join(map(str, outside))} out of range. {accepted}")
     return seeds
+
+
+def parse_methods(text: str, choices: Iterable[str], note: str = "") -> list[str]:
+    """'lora,galore' -> ['lora', 'galore']; an unknown or repeated name raises (a repeat would run, and count, every
+    run of that method twice)."""
+    choices = list(choices)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise ValueError(f"Invalid --methods {text!r}. Choose from {', '.join(choices)}{note}.")
+    repeated = sorted({name for name in names if names.count(name) > 1}, key=names.index)
+    if repeated:
+        raise ValueError(f"Invalid --methods {text!r}: {', '.join(repeated)} given twice. Name each method once.")
+    return names
 
 
 def load_recipe(path: Path) -> dict[str, list[str]]:
@@ -375,13 +400,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        parser.error(f"Invalid --methods {args.methods!r}. Choose from {', '.join(METHODS)}.")
     if "--seed" in extra:
         parser.error("Invalid flag --seed: give compare.py --seeds (one run per seed) instead.")
     try:
+        names = parse_methods(args.methods, METHODS)
         seeds = parse_seeds(args.seeds)
         flags = load_recipe(args.recipe) if args.recipe else dict(METHODS)
         reused = reusable_runs(args.reuse, parser, flags, extra)

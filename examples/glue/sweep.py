@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare.py lies beside this file
-from compare import parse_seeds, run_method  # noqa: E402
+from compare import parse_methods, parse_seeds, run_method  # noqa: E402
 
 # -- config: each method's search space; 8-bit GaLore takes GaLore's choice. LoRA alpha = 2 r. GaLore's non_targets:
 # freeze_embeddings (--freeze_embeddings, the rest AdamW) or adafactor (`others=adafactor`: every non-target, the
@@ -180,12 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in SPACES for m in methods):
-        parser.error(
-            f"Invalid --methods {args.methods!r}. Choose from {', '.join(SPACES)} (galore_8bit takes galore's "
-            "settings and is written to the recipe whenever galore is swept)."
-        )
+    try:
+        note = " (galore_8bit takes galore's settings and is written to the recipe whenever galore is swept)"
+        methods = parse_methods(args.methods, SPACES, note)
+    except ValueError as error:
+        parser.error(str(error))
     for flag in ("--seed", "--eval_split", "--output_dir"):
         if flag in extra:
             parser.error(f"Invalid flag {flag}: sweep.py sets it for every run (--sweep_seeds for seeds).")

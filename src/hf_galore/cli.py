@@ -6,6 +6,7 @@ neither torch nor transformers; `main` is re-exported here for `python -m hf_gal
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -21,6 +22,18 @@ def run_script(target: str, script_args: list[str], *, module: bool = False) -> 
 
     register()
     if module:
+        if sys.path[:1] != [os.getcwd()]:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: a module in the current folder is found
+        try:
+            found = importlib.util.find_spec(target) is not None
+        except ImportError:  # its package is missing
+            found = False
+        if not found:
+            raise SystemExit(
+                f"hf-galore run: no module named {target!r} (looked in the current folder {os.getcwd()!r} and on "
+                f"sys.path). Run from the folder that holds {target.split('.')[0]!r}, or pass a script: "
+                "hf-galore run SCRIPT.py [ARGS...]"
+            )
         sys.argv = [target, *script_args]
         runpy.run_module(target, run_name="__main__", alter_sys=True)
         return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
@@ -23,31 +25,66 @@ SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)
 OPTIMIZER_OPTIONS = ("others",)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+INT_OPTIONS = ("rank", "update_proj_gap", "power_iters", "oversample")
+REAL_OPTIONS = ("scale", "lazy_threshold")
 
 
-def validate_galore_options(options: Mapping[str, Any]) -> None:
-    """Raise a `ValueError` naming the first bad option, its value and what would be accepted."""
-    rank, gap, scale = options["rank"], options["update_proj_gap"], options["scale"]
-    if not _is_int(rank) or rank <= 0:
-        raise ValueError(f"Invalid {rank=}. Must be an int >= 1.")
-    if not _is_int(gap) or gap <= 0:
-        raise ValueError(f"Invalid update_proj_gap={gap!r}. Must be an int >= 1 (optimizer steps between refreshes).")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"Invalid {scale=}. Must be a finite number > 0.")
+def as_int(value: Any) -> int | None:
+    """`value` as a Python int when it is an integer (an int, a numpy integer, a 0-d integer tensor), else None.
+
+    Ranks often come out of numpy or torch arithmetic (`np.int64(64)`, `torch.tensor(64)`); they mean the same int.
+    Booleans and floats (even 2.0) are not integers here.
+    """
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or str(getattr(value, "dtype", "")) == "torch.bool":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def as_real(value: Any) -> float | None:
+    """`value` as a Python float when it is a real number (int, float, numpy scalar; not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def checked_rank(rank: Any) -> int:
+    """`rank` as a Python int (see `as_int`), or a `ValueError` naming it: every reader of a rank goes through here."""
+    value = as_int(rank)
+    if value is None or value < 1:
+        raise ValueError(f"Invalid rank={rank!r}. Must be an int >= 1.")
+    return value
+
+
+def validate_galore_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Raise a `ValueError` naming the first bad option, its value and what would be accepted; return the numeric
+    options as plain Python numbers (a numpy or 0-d torch integer rank becomes an int)."""
+    parsed = {key: as_int(options[key]) for key in INT_OPTIONS}
+    parsed.update({key: as_real(options[key]) for key in REAL_OPTIONS})
+    parsed["rank"] = checked_rank(options["rank"])
+    gap, scale = parsed["update_proj_gap"], parsed["scale"]
+    if gap is None or gap <= 0:
+        raise ValueError(
+            f"Invalid update_proj_gap={options['update_proj_gap']!r}. Must be an int >= 1 (optimizer steps between "
+            "refreshes)."
+        )
+    if scale is None or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"Invalid scale={options['scale']!r}. Must be a finite number > 0.")
     if options["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type={options['proj_type']!r}. Must be one of {', '.join(PROJ_TYPES)}.")
     if options["refresh_method"] not in REFRESH_METHODS:
         method = options["refresh_method"]
         raise ValueError(f"Invalid refresh_method={method!r}. Must be one of {', '.join(REFRESH_METHODS)}.")
     for key in ("power_iters", "oversample"):
-        if not _is_int(options[key]) or options[key] < 0:
+        if parsed[key] is None or parsed[key] < 0:
             raise ValueError(f"Invalid {key}={options[key]!r}. Must be an int >= 0.")
-    threshold = options["lazy_threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+    threshold = parsed["lazy_threshold"]
+    if threshold is None or not 0.0 <= threshold <= 1.0:
         raise ValueError(
-            f"Invalid lazy_threshold={threshold!r}. Must be a number in [0, 1] (0 turns lazy refresh off)."
+            f"Invalid lazy_threshold={options['lazy_threshold']!r}. Must be a number in [0, 1] (0 turns lazy "
+            "refresh off)."
         )
     if not isinstance(options["stagger"], bool):
         raise ValueError(f"Invalid stagger={options['stagger']!r}. Must be true or false.")
@@ -59,6 +96,7 @@ def validate_galore_options(options: Mapping[str, Any]) -> None:
             f"Invalid others={options['others']!r}. Must be one of {', '.join(OTHERS)} (how the parameters that are "
             "not GaLore targets are trained)."
         )
+    return parsed
 
 
 @dataclass
@@ -111,7 +149,8 @@ class GaLoreConfig:
     )
 
     def __post_init__(self) -> None:
-        validate_galore_options(asdict(self))
+        for key, value in validate_galore_options(asdict(self)).items():
+            setattr(self, key, value)
 
     def group_options(self) -> dict[str, Any]:
         """The keys a param group carries to be optimized with GaLore."""
@@ -121,9 +160,10 @@ class GaLoreConfig:
 GROUP_DEFAULTS: dict[str, Any] = {k: v for k, v in GaLoreConfig().group_options().items() if k != "rank"}
 
 
-def validate_apollo_options(options: Mapping[str, Any]) -> None:
-    """`validate_galore_options` plus APOLLO's own keys and the GaLore options that mean nothing to it."""
-    validate_galore_options(options)
+def validate_apollo_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`validate_galore_options` plus APOLLO's own keys and the GaLore options that mean nothing to it; returns the
+    numeric options as plain Python numbers, as `validate_galore_options` does."""
+    parsed = validate_galore_options(options)
     if options["proj"] not in PROJS:
         raise ValueError(f"Invalid proj={options['proj']!r}. Must be one of {', '.join(PROJS)}.")
     if options["scale_type"] not in SCALE_TYPES:
@@ -143,6 +183,7 @@ def validate_apollo_options(options: Mapping[str, Any]) -> None:
             f"Invalid lazy_threshold={options['lazy_threshold']!r} with proj='random': independent random draws "
             "have no overlap to measure. Use lazy_threshold=0, or proj='svd'."
         )
+    return parsed
 
 
 @dataclass

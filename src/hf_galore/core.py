@@ -28,6 +28,7 @@ from .projector import (
     effective_rank,
     identity_bases,
     project,
+    projection_sides,
     resolve_proj_type,
     subspace_overlap,
 )
@@ -95,6 +96,11 @@ def split_galore_groups(
 
     This keeps whatever grouping the caller made (the Trainer's weight-decay split, say) and adds GaLore to it.
     """
+    if isinstance(galore_params, Tensor):
+        raise TypeError(
+            f"Invalid galore_params: a single tensor of shape {tuple(galore_params.shape)} (iterating it would give "
+            "its rows). Pass a list of the weights to project, e.g. galore_params=[model.fc.weight]."
+        )
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -176,15 +182,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._layerwise_sq_norm: Tensor | float = 0.0
         self._norm_shard: RowShard | None = None
+        self._frozen_here: list[Tensor] = []  # what others=frozen turned off (trainable before): unfreeze_others()
         if galore_params is not None:
             config = as_galore_config(galore_config, self.outer.config_cls)
             params = split_galore_groups(params, galore_params, config, inner)
         elif galore_config is not None:
             raise ValueError("Invalid galore_config without galore_params: say which tensors get GaLore.")
         self._names: dict[tuple[int, int], str] = {}
+        by_id = self._names_by_id = {id(p): name for p, name in _checked_param_names(param_names).items()}
         super().__init__(params, defaults)
         # Kept by position in the groups: accelerate's FSDP2 prepare swaps each parameter for its sharded one there.
-        by_id = {id(p): name for p, name in (param_names or {}).items()}
+        self._names_by_id = {}
         self._names = {
             (g, i): by_id[id(p)]
             for g, group in enumerate(self.param_groups)
@@ -221,13 +229,16 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
 
     def param_name(self, param: Tensor) -> str:
         """The parameter's name where known (`param_names`, or torch's `param_names` group key), else its shape."""
+        return self._known_name(param) or f"a parameter shaped {tuple(param.shape)}"
+
+    def _known_name(self, param: Tensor) -> str | None:
         for g, group in enumerate(self.param_groups):
             for index, member in enumerate(group["params"]):
                 if member is param and (g, index) in self._names:
                     return self._names[g, index]
                 if member is param and "param_names" in group:
                     return group["param_names"][index]
-        return f"a parameter shaped {tuple(param.shape)}"
+        return self._names_by_id.get(id(param))  # while the constructor adds the groups
 
     # ---- groups -----------------------------------------------------------------------------------------------
 
@@ -248,6 +259,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.has_hooks:  # layer-wise, hooked already: the new group's tensors update from backward too
+            self.register_hooks()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -258,17 +271,30 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
             raise ValueError(f"Invalid {weight_decay=}. Must be >= 0.0.")
         if not self._validate_inner_key(group):
             return
+        for param in group["params"]:
+            if param.is_complex():
+                raise ValueError(
+                    f"Invalid parameter {self._described(param)}, dtype {str(param.dtype).removeprefix('torch.')}: "
+                    f"{type(self).__name__} does not support complex parameters (its moments, 8-bit blocks and "
+                    "projections are real). Optimize them with a torch optimizer of their own, or store them as real "
+                    "pairs (torch.view_as_real)."
+                )
         self.rule_for(group).validate_group(group)
         if not is_galore_group(group):
             return
         for key, default in self.outer.group_defaults.items():
             group.setdefault(key, default)
-        self.outer.validate(group)
+        group.update(self.outer.validate(group))
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(
-                    f"Invalid GaLore parameter {self.param_name(param)} of shape {tuple(param.shape)}: `rank` applies "
-                    "to 2-D weights only; put 1-D and N-D parameters in a group without `rank`."
+                    f"Invalid GaLore parameter {self._described(param)}: `rank` applies to 2-D weights only; put 1-D "
+                    "and N-D parameters in a group without `rank`."
+                )
+            if param.numel() == 0:
+                raise ValueError(
+                    f"Invalid GaLore parameter {self._described(param)}: it has no elements, so there is no "
+                    "gradient to project. Leave it out of galore_params (or put it in a group without `rank`)."
                 )
         clipped = sorted(
             {tuple(p.shape) for p in group["params"] if effective_rank(tuple(p.shape), group["rank"]) < group["rank"]}
@@ -278,6 +304,11 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 f"GaLore rank={group['rank']} exceeds min(m, n) of weights shaped {clipped}; "
                 "their rank is clipped to min(m, n)."
             )
+
+    def _described(self, param: Tensor) -> str:
+        """`name of shape (m, n)`, or only `of shape (m, n)` when the name is unknown."""
+        name, shape = self._known_name(param), f"of shape {tuple(param.shape)}"
+        return shape if name is None else f"{name} {shape}"
 
     def _log_frozen(self) -> None:
         frozen = [p for group in self.param_groups if is_frozen_group(group) for p in group["params"]]
@@ -292,6 +323,17 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 more,
             )
 
+    def unfreeze_others(self) -> None:
+        """Give back `requires_grad=True` to the tensors `others=frozen` turned off (those trainable before), so the
+        model leaves training as it came (the Trainer integration calls this when `train()` ends, however it ends)."""
+        for param in self._frozen_here:
+            param.requires_grad_(True)
+
+    def freeze_others(self) -> None:
+        """Turn `requires_grad` off again on the tensors of `others=frozen` groups (`train()` called again)."""
+        for param in self._frozen_here:
+            param.requires_grad_(False)
+
     def _validate_inner_key(self, group: dict[str, Any]) -> bool:
         """Check a group's `inner` key; freeze a `frozen` group's parameters. Whether the group is trained."""
         form = group.get("inner")
@@ -305,6 +347,7 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 "rule; `inner` is for plain groups (GaLoreConfig.others)."
             )
         if form == FROZEN:
+            self._frozen_here.extend(p for p in group["params"] if p.requires_grad)
             for param in group["params"]:
                 param.requires_grad_(False)
             return False
@@ -350,6 +393,8 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         state = self.state[param] if param in self.state else {}  # a skipped first update leaves no state
         step = state.get(STEP, 0)
         galore = is_galore_group(group)
+        if galore:
+            self._check_unchanged(param, group, state)
         clock = step if self._refresh_clock is None else self._refresh_clock
         refresh_due = galore and (NEXT_REFRESH not in state or clock >= state[NEXT_REFRESH])
         full_grad = grad
@@ -399,6 +444,34 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
                 if member is param:
                     return g * 2**20 + index
         raise ValueError(f"{self.param_name(param)} is not a parameter of this optimizer.")
+
+    def _check_unchanged(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Check a GaLore group again at each update, for edits after it was validated (`param_groups[i]["rank"] =
+        ...`): its options must still be valid, and `rank`/`proj_type` must still give `param`'s bases their shape,
+        since its moments live in that subspace. A few dict reads and shape comparisons per parameter."""
+        try:
+            self.outer.validate(group)
+        except ValueError as err:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            raise ValueError(
+                f"{err} Found in param_groups[{index}] at a step: it was changed during training."
+            ) from None
+        left, right = state.get(LEFT_BASIS), state.get(RIGHT_BASIS)
+        if left is None and right is None:
+            return  # no subspace yet: any valid rank and proj_type can start
+        shape = tuple(param.shape)
+        had = (left is not None, right is not None)
+        rank = left.shape[1] if left is not None else right.shape[0]
+        sides = projection_sides(shape, self._proj_type(param, group, row_sharded=row_shard(param) is not None))
+        if sides != had or effective_rank(shape, group["rank"]) != rank:
+            side = {(True, False): "left", (False, True): "right", (True, True): "both sides"}
+            raise ValueError(
+                f"Cannot update {self.param_name(param)} with rank={group['rank']!r}, proj_type={group['proj_type']!r}"
+                f": its moments and bases were built with rank {rank}, projected from the {side[had]}, and these "
+                f"settings give rank {effective_rank(shape, group['rank'])} from the {side[sides]}. rank and "
+                "proj_type cannot change during training (the moments live in the old subspace): set them back, or "
+                "build a new optimizer."
+            )
 
     def _proj_type(self, param: Tensor, group: dict[str, Any], *, row_sharded: bool) -> str:
         try:
@@ -527,6 +600,30 @@ class GaLoreOptimizer(LayerwiseHooks, Resumable, torch.optim.Optimizer):
         """Refresh figures gathered since the last call (telemetry, not checkpointed state)."""
         stats, self._refresh_stats = self._refresh_stats, RefreshStats()
         return stats
+
+
+def _checked_param_names(param_names: Mapping[Tensor, str] | None) -> Mapping[Tensor, str]:
+    """`param_names` when it maps tensors to names; a name -> tensor mapping (`dict(model.named_parameters())`, the
+    other way round) or anything else raises, naming what was found."""
+    if param_names is None:
+        return {}
+    if not isinstance(param_names, Mapping):
+        raise TypeError(
+            f"Invalid param_names of type {type(param_names).__name__}: must be a mapping tensor -> name, e.g. "
+            "{p: n for n, p in model.named_parameters()}."
+        )
+    for key, value in param_names.items():
+        if isinstance(key, str) and isinstance(value, Tensor):
+            raise TypeError(
+                f"Invalid param_names: it maps names to tensors ({key!r} -> a tensor shaped {tuple(value.shape)}), "
+                "the reverse of what is expected. Pass tensor -> name: {p: n for n, p in model.named_parameters()}."
+            )
+        if not isinstance(key, Tensor) or not isinstance(value, str):
+            raise TypeError(
+                f"Invalid param_names entry {type(key).__name__} -> {type(value).__name__}: must map each tensor to "
+                "its name, e.g. {p: n for n, p in model.named_parameters()}."
+            )
+    return param_names
 
 
 def as_galore_config(

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .config import GaLoreConfig, parse_optim_args
-from .inner import FROZEN, MIN_8BIT_SIZE
+from .config import GaLoreConfig, parse_optim_args, split_optim_args
+from .inner import FROZEN, MIN_8BIT_SIZE, AdamW8bitUpdate
 from .meta_model import (
     TASKS,
     build_meta_model,
@@ -47,7 +47,7 @@ from .planner import (
 )
 from .report import format_table, gib, human_bytes, mib
 from .targets import GaLoreTarget, select_targets
-from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS
+from .trainer_factory import _EXTRA_OPTIM_ARGS, GALORE_OPTIMIZERS, check_others
 
 __all__ = [
     "DTYPES",
@@ -144,22 +144,20 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _optimizer_setup(
-    model: torch.nn.Module, optim: str, target_modules: Any, optim_args: str | Mapping[str, str] | None
+    model: torch.nn.Module,
+    optim: str,
+    target_modules: Any,
+    optim_args: str | Mapping[str, str] | None,
+    fsdp: int | None = None,
 ) -> tuple[GaLoreConfig | None, int, list[GaLoreTarget]]:
-    """GaLore config, min_8bit_size and targets, parsed and validated as the Trainer integration does."""
-    from transformers.trainer_optimizer import _parse_optim_args
-
+    """GaLore config, min_8bit_size and targets, parsed and validated by the Trainer integration's own functions
+    (`split_optim_args`, `parse_optim_args`, `check_others`, `select_targets`), so the planner refuses what training
+    refuses."""
     accepted = [*GALORE_OPTIMIZERS, *PLAIN_OPTIMIZERS]
     if optim not in accepted:
         raise ValueError(f"Invalid optim={optim!r}. The planner knows: {', '.join(accepted)}.")
     if isinstance(optim_args, str) or optim_args is None:
-        try:
-            optim_args = _parse_optim_args(optim_args)
-        except ValueError:
-            raise ValueError(
-                f"Invalid optim_args={optim_args!r}. Must be comma-separated key=value pairs, "
-                "e.g. 'rank=128,scale=0.25'."
-            ) from None
+        optim_args = split_optim_args(optim_args)
     galore = optim in GALORE_OPTIMIZERS
     if optim_args and not galore:
         raise ValueError(
@@ -169,9 +167,9 @@ def _optimizer_setup(
     extra = _EXTRA_OPTIM_ARGS.get(GALORE_OPTIMIZERS[optim].optimizer_cls, {}) if galore else {}
     config_cls = GALORE_OPTIMIZERS[optim].optimizer_cls.outer.config_cls if galore else GaLoreConfig
     config, extras = parse_optim_args(dict(optim_args or {}), extra=extra, config_cls=config_cls)
-    min_8bit_size = extras.get("min_8bit_size", MIN_8BIT_SIZE)
-    if isinstance(min_8bit_size, bool) or min_8bit_size < 0:
-        raise ValueError(f"Invalid {min_8bit_size=}. Must be an int >= 0.")
+    if galore:
+        check_others(optim, config.others, fsdp)
+    min_8bit_size = AdamW8bitUpdate(min_8bit_size=extras.get("min_8bit_size", MIN_8BIT_SIZE)).min_8bit_size
     if not galore and target_modules is None:
         return None, min_8bit_size, []
     form = GALORE_OPTIMIZERS[optim].form if galore else "adamw"
@@ -401,8 +399,6 @@ def estimate(
         raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
     if task not in TASKS:
         raise ValueError(f"Invalid task={task!r}. Must be one of {', '.join(TASKS)}.")
-    if fsdp is not None and (isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1):
-        raise ValueError(f"Invalid fsdp={fsdp!r}. Must be an int >= 1 (the processes FSDP2 shards over), or None.")
     if num_labels is not None and task != "sequence-classification":
         raise ValueError(
             f"Invalid num_labels={num_labels!r} with task={task!r}: only task='sequence-classification' has labels."
@@ -416,7 +412,7 @@ def estimate(
     model_config, label = load_model_config(preset=preset, config=config, model=model)
     check_seq_len(model_config, seq_len)
     meta = build_meta_model(model_config, torch_dtype, task=task, num_labels=num_labels)
-    galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args)
+    galore_config, min_8bit_size, targets = _optimizer_setup(meta, optim, optim_target_modules, optim_args, fsdp)
     run = _Run(
         model_config,
         meta,
@@ -537,6 +533,6 @@ def run_estimate(args: Namespace) -> None:
             num_labels=args.num_labels,
             fsdp=args.fsdp,
         )
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, NotImplementedError) as error:
         raise SystemExit(f"hf-galore estimate: error: {error}") from None
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))

@@ -17,6 +17,7 @@ one more class here with these methods, a config dataclass for its keys, and an 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,8 +52,9 @@ class GaLoreRule:
     group_defaults = GROUP_DEFAULTS
     layout_keys = LAYOUT_KEYS  # group keys that fix the saved state's shapes
 
-    def validate(self, group: dict[str, Any]) -> None:
-        validate_galore_options(group)
+    def validate(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Raise for a bad option; return the numeric ones as plain Python numbers."""
+        return validate_galore_options(group)
 
     def stores_bases(self, group: dict[str, Any]) -> bool:
         return True
@@ -125,8 +127,8 @@ class ApolloRule(GaLoreRule):
     group_defaults = APOLLO_GROUP_DEFAULTS
     layout_keys = (*LAYOUT_KEYS, "proj")  # svd stores bases, random does not
 
-    def validate(self, group: dict[str, Any]) -> None:
-        validate_apollo_options(group)
+    def validate(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return validate_apollo_options(group)
 
     def stores_bases(self, group: dict[str, Any]) -> bool:
         return group["proj"] == "svd"

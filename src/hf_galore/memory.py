@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import Tensor
 
-from .config import ProjType
+from .config import ProjType, checked_rank
 from .inner import InnerForm, InnerUpdate, inner_rule
 from .projector import effective_rank, projected_shape, projection_sides
 from .sharding import local_tensor
@@ -77,6 +77,7 @@ def expected_state_bytes(
     shape = tuple(shape)
     if rank is None:
         return rule.state_bytes(shape, dtype)
+    rank = checked_rank(rank)
     left, right = projection_sides(shape, proj_type)
     r = effective_rank(shape, rank)
     basis_entries = (r * shape[0] * left + r * shape[1] * right) * stored_basis

@@ -33,8 +33,11 @@ def load_model_config(
 ) -> tuple[Any, str]:
     """The model config and a label for it, from exactly one of: a preset, a local config.json (or its folder), or
     a model id / folder for `AutoConfig.from_pretrained` (a hub id needs the network or the local cache)."""
+    from huggingface_hub.errors import HFValidationError, StrictDataclassError
+    from huggingface_hub.utils import validate_repo_id
     from transformers import AutoConfig
 
+    unreadable = (ValueError, OSError, KeyError, StrictDataclassError)  # StrictDataclassError: a field's bad value
     if sum(source is not None for source in (preset, config, model)) != 1:
         raise ValueError(
             "Give exactly one model source: preset=, config= (a config.json path) or model= (a model id)."
@@ -48,20 +51,45 @@ def load_model_config(
             raise ValueError(f"Invalid config={path!r}: no such file {file!r}. Pass a config.json or its folder.")
         try:
             return AutoConfig.from_pretrained(file), file
-        except (ValueError, OSError, KeyError) as error:
-            raise ValueError(f"Invalid config={file!r}: transformers cannot read it ({error}).") from None
+        except unreadable as error:
+            raise ValueError(f"Invalid config={file!r}: transformers cannot read it ({one_line(error)}).") from None
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(
+                f"Invalid model={model!r}: the folder holds no config.json. Pass a folder written by "
+                "save_pretrained (it holds config.json), or --config PATH/config.json."
+            )
+        try:
+            return AutoConfig.from_pretrained(model, local_files_only=True), model
+        except unreadable as error:
+            raise ValueError(
+                f"Invalid model={model!r}: transformers cannot read its config ({one_line(error)})."
+            ) from None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ValueError(
+            f"Invalid model={model!r}: no such folder, and not a hub id (name or org/name). Pass an existing model "
+            "folder, a hub id, --config PATH/config.json or --preset NAME."
+        ) from None
     try:
         return AutoConfig.from_pretrained(model, local_files_only=True), model  # a folder, or the cache: no network
     except (ValueError, OSError):
         pass
     try:
         return AutoConfig.from_pretrained(model), model
-    except (ValueError, OSError) as error:
+    except unreadable as error:
         raise ValueError(
-            f"Cannot load the config of model={model!r} ({str(error).splitlines()[0]}). A hub id needs the network "
+            f"Cannot load the config of model={model!r}: no such folder here, and as a hub id: "
+            f"{str(error).splitlines()[0]} A hub id needs the network "
             "or the local Hugging Face cache (HF_HUB_OFFLINE=1 skips the network); offline, pass "
             "--config PATH/config.json or --preset NAME."
         ) from None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (huggingface_hub's validation errors span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def check_task(config: Any, task: str) -> None:
@@ -107,6 +135,8 @@ def check_seq_len(config: Any, seq_len: int) -> None:
     """Refuse a sequence longer than the config's max_position_embeddings, naming both."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit < 1:
+        raise ValueError(f"Invalid config: max_position_embeddings={limit}. Must be an int >= 1; fix the config.")
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(
             f"Invalid seq_len={seq_len}: longer than the model's max_position_embeddings={limit}. "
@@ -127,8 +157,14 @@ def build_meta_model(
         config = copy.deepcopy(config)
         config.num_labels = num_labels
     auto_class = getattr(transformers, TASKS[task])
-    with torch.device("meta"):
-        return auto_class.from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, RuntimeError, AttributeError) as error:  # e.g. a negative size in the config
+        raise ValueError(
+            f"Cannot build {TASKS[task]} from this {config.model_type} config ({one_line(error)}). Check its sizes "
+            "(hidden_size, num_attention_heads, intermediate_size, vocab_size, ...)."
+        ) from None
 
 
 def fsdp_wrap_units(meta: torch.nn.Module) -> tuple[int, int, int, int]:

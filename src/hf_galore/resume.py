@@ -37,6 +37,34 @@ from .state_keys import (
 
 logger = logging.getLogger(__name__)
 
+START_AFRESH = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
+
+
+def optimizer_change(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+    """Why `state_dict` cannot resume `optimizer` when one is GaLore (param groups with `rank`) and the other is not
+    (a plain optimizer: `--optim adamw_torch` and the like), naming both; None when both are or neither is.
+
+    `GaLoreOptimizer.load_state_dict` raises with it; torch's optimizers report the GaLore-to-plain direction only as
+    "a different number of parameter groups", so a checkpoint loader can ask it for the reason.
+    """
+    saved_galore = any(is_galore_group(group) for group in state_dict["param_groups"])
+    if saved_galore == any(is_galore_group(group) for group in optimizer.param_groups):
+        return None
+    keys = sorted({key for state in state_dict["state"].values() for key in state})
+    held = f"per-parameter state {', '.join(keys)}" if keys else "no per-parameter state yet"
+    plain = "e.g. --optim adamw_torch, adamw_bnb_8bit or adafactor"
+    if saved_galore:
+        ranks = sorted({group["rank"] for group in state_dict["param_groups"] if is_galore_group(group)})
+        saved = f"a GaLore optimizer (param groups with rank {', '.join(map(str, ranks))}; {held}: --optim galore_*)"
+        now = f"{type(optimizer).__name__}, a plain optimizer ({plain})"
+    else:
+        saved = f"a plain optimizer (no GaLore param group; {held}: {plain})"
+        now = f"{type(optimizer).__name__} with GaLore groups (--optim galore_*)"
+    return (
+        f"Cannot resume: the optimizer changed. The checkpoint was saved by {saved}, and this one is {now}. Resume "
+        f"with the checkpoint's --optim, {START_AFRESH}."
+    )
+
 
 class Resumable:
     """`state_dict()` and `load_state_dict()` for GaLore optimizers."""
@@ -80,6 +108,13 @@ class Resumable:
         zero-gradient, lr=0 step torch.distributed.checkpoint takes to create a template state) leaves no trace:
         its state is replaced, and its refresh and skip telemetry is dropped.
         """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            found = sorted(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"Cannot resume: expected an optimizer state dict (a dict with 'state' and 'param_groups', as "
+                f"optimizer.state_dict() returns), got {found}. Was the file written by torch.save(optimizer."
+                "state_dict())? A model's state dict or a whole checkpoint folder's file does not fit here."
+            )
         state_dict = self._unpack_block_constants(state_dict)
         self._check_resumable(state_dict)
         self._refresh_clock = None  # the checkpoint's schedule counts the steps of the run that saved it
@@ -143,26 +178,33 @@ class Resumable:
         return {**state_dict, "state": unpacked}
 
     def _check_resumable(self, state_dict: dict[str, Any]) -> None:
-        fresh = "or start the optimizer afresh (load only the model weights, without resume_from_checkpoint)"
+        fresh = START_AFRESH
         saved_groups = state_dict["param_groups"]
+        self._check_same_optimizer(state_dict)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Cannot resume: the checkpoint's optimizer has {len(saved_groups)} param groups, this one has "
                 f"{len(self.param_groups)}. The target selection (optim_target_modules), the trainable parameters "
                 f"or the weight-decay split changed since it was saved. Resume with the same settings, {fresh}."
             )
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            where = f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
+        groups = list(enumerate(zip(saved_groups, self.param_groups)))
+        where = {
+            index: f"param group {index} ({len(group['params'])} tensors, e.g. {self.param_name(group['params'][0])})"
+            for index, (_, group) in groups
+        }
+        for index, (saved, group) in groups:  # every count first: another model (more layers) is not a state mismatch
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
-                    f"Cannot resume: {where} held {len(saved['params'])} tensors in the checkpoint. The target "
-                    f"selection or the trainable parameters changed since it was saved. Resume with the same "
-                    f"settings, {fresh}."
+                    f"Cannot resume: {where[index]} held {len(saved['params'])} tensors in the checkpoint. The model "
+                    f"(its number of layers), the target selection or the trainable parameters changed since it was "
+                    f"saved. Resume with the same model and settings, {fresh}."
                 )
+        for index, (saved, group) in groups:
+            here = where[index]
             if is_galore_group(saved) != is_galore_group(group):
                 was, now = ("GaLore", "a plain group") if is_galore_group(saved) else ("a plain group", "GaLore")
                 raise ValueError(
-                    f"Cannot resume: {where} is {now} now but was {was} in the checkpoint (saved by a different "
+                    f"Cannot resume: {here} is {now} now but was {was} in the checkpoint (saved by a different "
                     f"optimizer or target selection). Resume with the checkpoint's --optim and targets, {fresh}."
                 )
             for key in self.outer.layout_keys if is_galore_group(group) else ():
@@ -175,19 +217,25 @@ class Resumable:
                 if saved[key] != group[key] and not self._same_projection(saved, group, key, state_dict["state"]):
                     raise ValueError(
                         f"Cannot resume with {key}={group[key]!r}: the checkpoint was saved with "
-                        f"{key}={saved[key]!r} ({where}), and its moments and bases have that shape. Resume with "
+                        f"{key}={saved[key]!r} ({here}), and its moments and bases have that shape. Resume with "
                         f"{key}={saved[key]!r}, {fresh}."
                     )
             for param_id, param in zip(saved["params"], group["params"]):
                 self._check_saved_state(param, group, state_dict["state"].get(param_id, {}), fresh)
         self._check_finite(state_dict)
 
+    def _check_same_optimizer(self, state_dict: dict[str, Any]) -> None:
+        """A plain optimizer's checkpoint (`--optim adamw_torch` and the like) loaded into one with GaLore groups:
+        say that the optimizer changed, naming both, before any group count differs."""
+        change = optimizer_change(state_dict, self)
+        if change is not None:
+            raise ValueError(change)
+
     def _same_projection(self, saved: dict[str, Any], group: dict[str, Any], key: str, states: dict[Any, Any]) -> bool:
-        """Whether a `proj_type` named differently gives every weight of the group the projection it was saved with:
-        an FSDP2 run projects sharded weights from the right whatever `std` would pick, so `std` there is `right`
-        in one process (and vice versa). Decided on keys and global shapes, the same on every rank."""
-        if key != "proj_type":
-            return False
+        """Whether a `rank` or `proj_type` given differently leaves every weight of the group the state it was saved
+        with: a rank clipped to min(m, n) (128 and 32 both give 32 on a 32×32 weight), or an FSDP2 run, which projects
+        sharded weights from the right whatever `std` would pick (so `std` there is `right` in one process, and vice
+        versa). Decided on keys and global shapes, the same on every rank."""
         pairs = [(param, states.get(param_id, {})) for param_id, param in zip(saved["params"], group["params"])]
         return all(self._layout_matches(param, group, state) for param, state in pairs if state)
 

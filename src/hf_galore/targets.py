@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from .config import checked_rank
 from .inner import InnerForm, InnerUpdate
+from .log import warn_at_caller
 from .memory import expected_state_bytes
 from .projector import projection_sides, resolve_proj_type
 from .report import format_table, human_bytes
@@ -363,6 +365,7 @@ def select_targets(
             f"Aliases: 'attn' (attention projections), 'mlp' (feed-forward projections), '{ALL_LINEAR}' (every "
             f"linear layer but the heads). Accepted: {_ACCEPTED_FORMS}."
         )
+    _warn_unmatched_keys(model, spec, target_modules, linear_names, len(targets))
     notes = "".join(
         f"\nskipped {len(names)} {label.split(' (')[0]}: {', '.join(_abridge(names))}"
         for label, names in skipped
@@ -371,6 +374,25 @@ def select_targets(
     table = format_target_table(targets, rank, form, row_sharded=row_sharded, **state_options)
     logger.info("%s selected %d weight matrices:\n%s%s", optimizer_name, len(targets), table, notes)
     return targets
+
+
+def _warn_unmatched_keys(
+    model: torch.nn.Module, spec: list[str] | str, target_modules: object, linear_names: list[str], selected: int
+) -> None:
+    """Warn about each key of a key list that matches no module name while the others select targets (PEFT warns
+    alike for its unmatched pattern keys and raises only when nothing matches, as `select_targets` does)."""
+    if isinstance(spec, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [key for key in spec if not any(_matching_pattern([key], name) for name in names)]
+    if unmatched:
+        listed = ", ".join(map(repr, unmatched))
+        warn_at_caller(
+            f"optim_target_modules={target_modules!r}: {listed} {'matches' if len(unmatched) == 1 else 'match'} no "
+            f"module of this model, ignored (the other keys selected {selected} weight matrices). Check the spelling "
+            "against the linear modules: "
+            f"{', '.join(_abridge(linear_names)[:6])}."
+        )
 
 
 def _side(shape: tuple[int, int], proj_type: str) -> str:
@@ -394,8 +416,7 @@ def format_target_table(
     matrix, two moments of the projected gradient plus the basis); the total line compares it with the ``4 * 2*m*n``
     bytes full-rank AdamW would keep. Shapes are as stored; ``*`` marks Conv1D weights stored in x out.
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"Invalid {rank=}: expected a positive int or None.")
+    rank = None if rank is None else checked_rank(rank)
     groups: dict[tuple[str, tuple[int, int], bool], list[GaLoreTarget]] = {}
     for target in targets:
         groups.setdefault((target.pattern, target.shape, target.transposed), []).append(target)

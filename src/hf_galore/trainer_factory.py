@@ -68,15 +68,20 @@ def fsdp_version(args: TrainingArguments) -> int | None:
     return 1 if "FSDP" in str(state.get("distributed_type") or "") else None
 
 
-def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
-    """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
-    version = fsdp_version(args)
-    if others == FROZEN and version is not None:
+def check_others(name: str, others: str, fsdp: int | None) -> None:
+    """Refuse an `others` form the run cannot honour; shared by training and `hf-galore estimate` (its `--fsdp`)."""
+    if others == FROZEN and fsdp is not None:
         raise NotImplementedError(
             f"--optim {name} with others=frozen cannot run under FSDP: the optimizer is built after the model is "
             "sharded, too late to turn requires_grad off. Freeze the parameters in the model before training "
             "(`param.requires_grad_(False)`), or pick others=adafactor, which keeps a few KiB per table."
         )
+
+
+def check_supported(args: TrainingArguments, name: str, layerwise: bool, others: str = "same") -> None:
+    """Refuse, with the reason, the combinations hf_galore cannot run correctly."""
+    version = fsdp_version(args)
+    check_others(name, others, version)
     if version is not None and version != 2:
         raise NotImplementedError(
             f"--optim {name} cannot run on FSDP version {version}: FSDP1 hands the optimizer flat parameters (many "
