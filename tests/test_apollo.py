@@ -8,7 +8,15 @@ import pytest
 import torch
 from conftest import batches, tiny_mlp, train
 
-from hf_galore import ApolloAdamW, ApolloConfig, GaLoreAdamW, expected_state_bytes, optimizer_state_bytes
+from hf_galore import (
+    ApolloAdamW,
+    ApolloAdamW8bit,
+    ApolloConfig,
+    GaLoreAdamW,
+    expected_state_bytes,
+    optimizer_state_bytes,
+)
+from hf_galore.inner import AdamW8bitUpdate
 from hf_galore.state_keys import LIMITER_NORM, PROJ_DRAW, PROJ_SEED, RIGHT_BASIS
 
 LR, GAP, STEPS = 1e-2, 3, 8
@@ -228,3 +236,46 @@ def test_defaults_are_transformers_apollo_defaults_and_configs_do_not_mix():
 
     with pytest.raises(TypeError, match=r"galore_config of type GaLoreConfig for this optimizer: it takes a Apollo"):
         ApolloAdamW(model.parameters(), galore_params=[model[0].weight], galore_config=GaLoreConfig(rank=4))
+
+
+def test_a_non_finite_gradient_leaves_weights_moments_and_draw_untouched():
+    model = tiny_mlp()
+    optimizer = apollo(model)
+    train(model, optimizer, batches(3))  # the next step draws a new projection
+    weight = model[0].weight
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[weight].items()}
+    kept = weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weight.grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"skipped the update of 0.weight|skipped the update of a parameter shaped"):
+        optimizer.step()
+    assert torch.equal(weight, kept)
+    for key, value in optimizer.state[weight].items():
+        assert torch.equal(value, before[key]) if torch.is_tensor(value) else value == before[key], key
+
+
+def test_8bit_moments_below_min_size_are_the_fp32_form_and_above_it_uint8_at_the_formula():
+    """bitsandbytes' kernels as the inner rule: with 32-bit states (min_8bit_size above every tensor)
+    ApolloAdamW8bit is ApolloAdamW; with 8-bit ones the moments are uint8 plus block constants, as
+    `expected_state_bytes` counts."""
+    data = batches(STEPS)
+    params = {"lr": LR, "weight_decay": 0.1}
+    options = {"galore_config": {"rank": 4, "update_proj_gap": GAP}}
+    models = [tiny_mlp() for _ in range(3)]
+    wide = ApolloAdamW8bit(
+        models[0].parameters(), min_8bit_size=10**9, galore_params=[models[0][0].weight], **params, **options
+    )
+    plain = ApolloAdamW(models[1].parameters(), galore_params=[models[1][0].weight], **params, **options)
+    eight = ApolloAdamW8bit(
+        models[2].parameters(), min_8bit_size=64, galore_params=[models[2][0].weight], **params, **options
+    )
+    losses = [train(model, optimizer, data) for model, optimizer in zip(models, (wide, plain, eight))]
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+    state = eight.state[models[2][0].weight]
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].shape == (48, 4)
+    held = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    rule = AdamW8bitUpdate(min_8bit_size=64)
+    assert held == expected_state_bytes((48, 16), form=rule, rank=4, stored_basis=False, limiter=True)
+    torch.testing.assert_close(losses[2], losses[1], rtol=2e-2, atol=0)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ranks import WORLD, run_on_ranks, shard_linears
 from torch.distributed.tensor import DTensor
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
+from hf_galore import ApolloAdamW, ApolloConfig, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
 from hf_galore.core import NEXT_REFRESH, STEP
 from hf_galore.inner.adamw8bit import BLOCKSIZE, AdamW8bitUpdate
 from hf_galore.sharding import block_scales_by_value, blocks_by_row, blocks_from_rows
@@ -35,15 +35,20 @@ FORMS = {
     "adafactor": lambda params, **kw: GaLoreAdafactor(
         params, lr=1e-2, beta1=0.9, relative_step=False, scale_parameter=False, **kw
     ),
+    "apollo": lambda params, **kw: ApolloAdamW(params, lr=1e-2, weight_decay=0.01, **kw),
 }
-METHODS = ("exact", "randomized")
+METHODS = ("exact", "randomized")  # the refresh method; APOLLO's case is its random projection (seed + draw in state)
 GROUP = {"betas": (0.9, 0.999), "eps": 1e-8}
+ONE_METHOD = {"adamw8bit": "exact", "adamw_layerwise": "randomized"}  # forms saved with one refresh method only
 CASES = [
     (form, method)
     for form in FORMS
+    if form != "apollo"
     for method in METHODS
-    if form not in ("adamw8bit", "adamw_layerwise") or method == ("exact" if form == "adamw8bit" else "randomized")
+    if ONE_METHOD.get(form, method) == method
 ]
+# plus Fira's residual and APOLLO: their limiter's norm must come back too (it exists from the template step on)
+CASES += [("adamw", "fira"), ("apollo", "random")]
 IDS = [f"{form}-{method}" for form, method in CASES]
 
 
@@ -60,6 +65,10 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _config(method: str, proj_type: str = "std") -> GaLoreConfig:
+    if method == "random":
+        return ApolloConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, proj_type=proj_type)
+    if method == "fira":
+        return GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, residual="fira", proj_type=proj_type)
     return GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=0.5, refresh_method=method, proj_type=proj_type)
 
 

@@ -9,7 +9,7 @@ from .core import GaLoreOptimizer, RefreshStats
 from .integration import register
 from .log import configure_library_logger
 from .memory import expected_state_bytes, optimizer_state_bytes
-from .optimizers import ApolloAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .optimizers import ApolloAdamW, ApolloAdamW8bit, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .targets import select_targets
 
 configure_library_logger()
@@ -18,6 +18,7 @@ register()
 __all__ = [
     "PROJ_TYPES",
     "ApolloAdamW",
+    "ApolloAdamW8bit",
     "ApolloConfig",
     "GaLoreAdafactor",
     "GaLoreAdamW",

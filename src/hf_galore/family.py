@@ -33,7 +33,7 @@ from .config import (
 )
 from .projector import add_projected_back_, effective_rank, projection_sides
 from .residual import fira_residual
-from .scaling import norm_scaled
+from .scaling import no_norm, norm_scaled
 from .sharding import RowShard
 from .state_keys import LAYOUT_KEYS, LEFT_BASIS, LIMITER_NORM, PROJ_DRAW, PROJ_SEED, RESIDUAL_NORM, RIGHT_BASIS
 
@@ -100,11 +100,13 @@ class GaLoreRule:
     ) -> None:
         """W −= α·back(D), plus α·η·S with Fira's residual S (η = `step_size`, the lr with the bias correction)."""
         left, right = bases
-        if group["residual"] == "fira" and step_size > 0:  # lr 0 (a checkpoint's template step) moves nothing
-            residual, state[RESIDUAL_NORM] = fira_residual(
-                grad, low_rank_grad, delta, step_size, left, right, state.get(RESIDUAL_NORM), shard
-            )
-            weight.add_(residual, alpha=-group["scale"] * step_size)
+        if group["residual"] == "fira":
+            previous = state.setdefault(RESIDUAL_NORM, no_norm(weight))
+            if step_size > 0:  # lr 0 (a warm-up's first step, a checkpoint's template step) moves nothing
+                residual, state[RESIDUAL_NORM] = fira_residual(
+                    grad, low_rank_grad, delta, step_size, left, right, previous, shard
+                )
+                weight.add_(residual, alpha=-group["scale"] * step_size)
         add_projected_back_(weight, delta, left, right, alpha=-group["scale"])
 
 
@@ -172,13 +174,14 @@ class ApolloRule(GaLoreRule):
         shard: RowShard | None,
     ) -> None:
         """W −= α·η·limited(G·diag(s)), s_j = ‖U[:, j]‖/‖R[:, j]‖ along the projected side (one s: tensor-wise)."""
-        if step_size <= 0:  # lr 0 (a checkpoint's template step) moves nothing
+        previous = state.setdefault(LIMITER_NORM, no_norm(weight))
+        if step_size <= 0:  # lr 0 (a warm-up's first step, a checkpoint's template step) moves nothing
             return
         left, _ = bases
         dims = [0, 1] if group["scale_type"] == "tensor" else [0 if left is not None else 1]
         raw_direction = delta.float() / step_size
         scaled, state[LIMITER_NORM] = norm_scaled(
-            grad.to(torch.float32, copy=True), low_rank_grad, raw_direction, dims, state.get(LIMITER_NORM), shard
+            grad.to(torch.float32, copy=True), low_rank_grad, raw_direction, dims, previous, shard
         )
         weight.add_(scaled.to(weight.dtype), alpha=-group["scale"] * step_size)
 

@@ -63,6 +63,13 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         super().__init__(params, defaults, inner=AdamW8bitUpdate(min_8bit_size=min_8bit_size), **galore)
 
 
+class ApolloAdamW8bit(GaLoreAdamW8bit):
+    """ApolloAdamW with bitsandbytes' 8-bit block-wise moments of the projected gradient (no transformers name: use
+    the class; `min_8bit_size` as GaLoreAdamW8bit)."""
+
+    outer = APOLLO
+
+
 class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor in the subspace; defaults and options as transformers.optimization.Adafactor."""
 

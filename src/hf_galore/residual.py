@@ -30,7 +30,7 @@ def fira_residual(
     step_size: float,
     left: Tensor | None,
     right: Tensor | None,
-    previous_norm: Tensor | None,
+    previous_norm: Tensor,
     shard: RowShard | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The scaled residual S (the shape of `grad`; apply it as step_size·S) and its norm, which the next step's
@@ -38,8 +38,8 @@ def fira_residual(
 
     `low_rank_grad` is R = project(grad), `low_rank_update` the inner rule's D for it, and `step_size` (> 0) the lr
     times the rule's bias correction, so D / step_size is the raw direction U. `previous_norm` is the norm this
-    function returned last step (None on the first). Sharded (`shard`, right projection), every rank holds its rows:
-    the row-wise scaling is local and the norm takes one all-reduced float.
+    function returned last step (`scaling.no_norm()` on the first). Sharded (`shard`, right projection), every rank
+    holds its rows: the row-wise scaling is local and the norm takes one all-reduced float.
     """
     residual = grad.float() - project_back(low_rank_grad.float(), left, right)
     dims = [dim for dim, projected in ((0, left is not None), (1, right is not None)) if projected]

@@ -21,6 +21,14 @@ from .sharding import RowShard, global_sum
 
 NORM_GROWTH_LIMIT = 1.01  # γ: the scaled matrix's norm may grow at most this much per step
 EPS = 1e-8  # keeps a zero norm from dividing (Fira's and APOLLO's constant)
+NO_NORM = -1.0  # the limiter's state before the first step that moves the weight: nothing to compare with
+
+
+def no_norm(like: Tensor) -> Tensor:
+    """The limiter's state before its first real step: a float32 0-d tensor holding `NO_NORM`. It exists from the
+    first step on, even a step that moves nothing (lr 0: a warm-up's first step, or the template step
+    torch.distributed.checkpoint takes before loading, which loads only the entries that step created)."""
+    return torch.full((), NO_NORM, dtype=torch.float32, device=like.device)
 
 
 def norms(matrix: Tensor, dims: list[int], shard: RowShard | None = None) -> Tensor:
@@ -35,20 +43,19 @@ def norm_scaled(
     low_rank_grad: Tensor,
     raw_direction: Tensor,
     dims: list[int],
-    previous_norm: Tensor | None,
+    previous_norm: Tensor,
     shard: RowShard | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`matrix` (float32, scaled in place) times ‖raw_direction‖ / ‖low_rank_grad‖ over `dims`, then limited to γ
-    times `previous_norm` (None: the first step, nothing to compare with). Returns it and its norm, which the next
-    step's limiter reads.
+    times `previous_norm` (`no_norm()`: the first step, nothing to compare with). Returns it and its norm, which the
+    next step's limiter reads.
 
     `dims` are the dims the norms run over: the projected one for channel-wise scaling (0 for a left projection,
     r×n: one factor per column; 1 for a right one, m×r: one per row), both for one tensor-wise factor.
     """
     matrix.mul_(norms(raw_direction, dims, shard) / (norms(low_rank_grad, dims, shard) + EPS))
     norm = global_sum(matrix.square().sum(), shard).sqrt()
-    if previous_norm is not None:
-        limiter = torch.clamp(norm / (previous_norm + EPS), min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
-        matrix.div_(limiter)
-        norm = norm / limiter
-    return matrix, norm
+    growth = torch.clamp(norm / (previous_norm + EPS), min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+    limiter = torch.where(previous_norm < 0, 1.0, growth)  # decided on the device: no host sync per step
+    matrix.div_(limiter)
+    return matrix, norm / limiter
