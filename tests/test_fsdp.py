@@ -1,4 +1,5 @@
-"""GaLore on FSDP2-sharded parameters (2 gloo ranks, CPU) against one process on the same global batch.
+"""GaLore on FSDP2-sharded parameters (2 gloo ranks, CPU) against one process on the same global batch; APOLLO
+sharded and under plain DDP too.
 
 Each rank holds a block of every weight's rows (torch.chunk layout: the 7-row weight splits 4 + 3). The tolerance:
 float32 sums run in another order (FSDP2's reduce-scatter, the refresh's all-reduces), which moves the weakest
@@ -333,4 +334,34 @@ def test_apollo_sharded_equals_one_process_and_gathers_nothing(tmp_path, scale_t
         assert {sent for _, sent, _ in records} == {4}, records
     single = _state_bytes(optimizer)
     assert sum(r["state_bytes"]["row_wise"] for r in results) == single["row_wise"]
+    assert not torch.equal(model[0].weight, _model()[0].weight)
+
+
+def _ddp_run(rank: int, form: str, config) -> dict[str, torch.Tensor]:
+    """Plain DDP (no sharding): each rank a half of the global batch, gradients averaged by DDP's all-reduce."""
+    model = _model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = _optimizer(model, form, config)
+    world = torch.distributed.get_world_size()
+    for x, y in _batches():
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"], ids=["apollo", "apollo-mini"])
+def test_apollo_under_ddp_equals_one_process_on_the_global_batch(tmp_path, scale_type):
+    """Issue 19 item 3: `apollo_adamw` (channel-wise) and APOLLO-Mini (rank 1, tensor-wise) under DDP. Every rank
+    draws the same P from the same per-parameter seed, so the replicas stay identical and follow one process; only
+    the order of DDP's float sums differs (tolerance as above)."""
+    rank = 1 if scale_type == "tensor" else RANK
+    config = ApolloConfig(rank=rank, update_proj_gap=GAP, scale_type=scale_type)
+    results = run_on_ranks(tmp_path, _ddp_run, "apollo", config, timeout=20)
+    model, _ = _single_run("apollo", config)
+    for name, weight in results[0].items():  # the replicas bit-identical
+        assert torch.equal(weight, results[1][name]), name
+    for rank_, weights in enumerate(results):
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(weights[name], param.detach(), atol=1e-4, rtol=0, msg=f"rank {rank_} {name}")
     assert not torch.equal(model[0].weight, _model()[0].weight)
