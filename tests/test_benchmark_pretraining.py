@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from hf_galore import expected_state_bytes
+from hf_galore.targets import select_targets
+
 BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "pretraining_quality.py"
 
 
@@ -43,6 +46,17 @@ def test_pretraining_quality_benchmark_quick(tmp_path, capsys):
     # ... and moves the weights: its curve is not GaLore's
     assert runs["GaLore + Fira"]["eval_curve"][1:] != runs["GaLore"]["eval_curve"][1:]
     assert runs["LoRA"]["trainable_params"] < runs["AdamW"]["trainable_params"]
+    # APOLLO: GaLore's moments at the same rank, no stored basis, a limiter float per target; APOLLO-Mini at rank 1
+    shapes = [t.shape for t in select_targets(module.build_model(module.QUICK), "attn,mlp")]
+    r = report["galore_rank"]
+
+    def apollo(rank):
+        return sum(expected_state_bytes(s, form="adamw", rank=rank, stored_basis=False, limiter=True) for s in shapes)
+
+    galore_targets = sum(expected_state_bytes(s, form="adamw", rank=r) for s in shapes)
+    assert runs["GaLore"]["state_bytes"] - runs["APOLLO"]["state_bytes"] == galore_targets - apollo(r)
+    assert runs["APOLLO"]["state_bytes"] - runs["APOLLO-Mini"]["state_bytes"] == apollo(r) - apollo(1)
+    assert runs["APOLLO"]["eval_curve"][1:] != runs["APOLLO-Mini"]["eval_curve"][1:]
 
 
 def test_pretraining_quality_methods_filter(tmp_path):
@@ -53,3 +67,27 @@ def test_pretraining_quality_methods_filter(tmp_path):
     assert report["summary"]["best_adamw"] is None and report["runs"][0]["vs_adamw_pct"] is None
     with pytest.raises(SystemExit, match=r"unknown 'Fira'\. Must be comma-separated names from: AdamW, GaLore, "):
         module.main(["--quick", "--methods", "AdamW,Fira", "--output", str(output)])
+
+
+def test_merge_reruns_the_named_methods_and_keeps_the_other_rows(tmp_path):
+    module = _load()
+    output, png = tmp_path / "merged.json", tmp_path / "merged.png"
+    module.main(["--quick", "--methods", "AdamW,GaLore", "--output", str(output), "--plot", str(png)])
+    first = json.loads(output.read_text())
+    first["runs"][0]["eval_loss"] = 5.0  # markers: AdamW's row must be kept as it is, GaLore's replaced
+    first["runs"][1]["eval_loss"] = 99.0
+    output.write_text(json.dumps(first))
+    report = module.main(
+        ["--quick", "--methods", "APOLLO-Mini,GaLore", "--merge", "--output", str(output), "--plot", str(png)]
+    )
+    assert json.loads(output.read_text()) == report
+    assert [run["method"] for run in report["runs"]] == ["AdamW", "GaLore", "APOLLO-Mini"]
+    assert report["runs"][0] == first["runs"][0]
+    galore, mini = report["runs"][1], report["runs"][2]
+    assert galore["eval_loss"] != 99.0 and math.isfinite(galore["eval_loss"])
+    assert mini["vs_adamw_pct"] == pytest.approx(100.0 * (mini["eval_loss"] / 5.0 - 1.0))  # against the kept row
+    assert report["summary"]["best_adamw"]["eval_loss"] == 5.0
+    with pytest.raises(SystemExit, match=r"Invalid --merge: the existing report's setup \{'hidden_size': 64"):
+        module.main(["--quick", "--steps", "6", "--methods", "APOLLO", "--merge", "--output", str(output)])
+    with pytest.raises(SystemExit, match=r"Invalid --merge: no report at --output='.*missing\.json' to merge into"):
+        module.main(["--quick", "--methods", "APOLLO", "--merge", "--output", str(tmp_path / "missing.json")])
