@@ -395,6 +395,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5))
+    axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 20 distinct colours: the default 10 repeat
     for run in report["runs"]:
         steps, losses = zip(*run["eval_curve"])
         axis.plot(steps, losses, marker=".", label=f"{run['method']} lr {run['lr']:.0e} ({run['state_mb']:.1f} MiB)")
