@@ -1,5 +1,6 @@
 """Shared tiny models and a deterministic training loop for optimizer tests."""
 
+import io
 import logging
 import sys
 import warnings
@@ -111,3 +112,16 @@ def galore_log():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def resume_through_weights_only_checkpoint(model, optimizer, make_optimizer):
+    """Save model + optimizer, load with weights_only=True into a freshly built (differently seeded) pair."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = tiny_mlp(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer = make_optimizer(resumed_model)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    return resumed_model, resumed_optimizer

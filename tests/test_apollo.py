@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import batches, tiny_mlp, train
+from conftest import batches, resume_through_weights_only_checkpoint, tiny_mlp, train
 
 from hf_galore import (
     ApolloAdamW,
@@ -150,14 +150,7 @@ def test_resume_mid_interval_is_bit_identical(proj):
     first = tiny_mlp()
     optimizer = apollo(first, proj=proj)
     train(first, optimizer, data[:5])
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = tiny_mlp(seed=1)
-    resumed.load_state_dict(saved["model"])
-    continued = apollo(resumed, proj=proj)
-    continued.load_state_dict(saved["optimizer"])
+    resumed, continued = resume_through_weights_only_checkpoint(first, optimizer, lambda m: apollo(m, proj=proj))
     train(resumed, continued, data[5:])
     for p, q in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(p, q)

@@ -1,7 +1,6 @@
 """GaLore optimizers against the reference (galore-torch 1.0) and the plain optimizers they stand for."""
 
 import copy
-import io
 import math
 import pickle
 
@@ -9,7 +8,15 @@ import bitsandbytes as bnb
 import galore_torch
 import pytest
 import torch
-from conftest import ADAFACTOR_FIXED_LR, OPTIMIZERS, batches, galore_groups, tiny_mlp, train
+from conftest import (
+    ADAFACTOR_FIXED_LR,
+    OPTIMIZERS,
+    batches,
+    galore_groups,
+    resume_through_weights_only_checkpoint,
+    tiny_mlp,
+    train,
+)
 from transformers.optimization import Adafactor
 
 from hf_galore import PROJ_TYPES, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig
@@ -128,19 +135,6 @@ def test_8bit_form_with_32bit_states_equals_galore_adamw():
     assert _max_param_diff(model_8, model_32) < 1e-5
 
 
-def _resume_through_weights_only_checkpoint(model, optimizer, make_optimizer):
-    """Save model + optimizer, load with weights_only=True into a freshly built (differently seeded) pair."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed_model = tiny_mlp(seed=123)
-    resumed_model.load_state_dict(saved["model"])
-    resumed_optimizer = make_optimizer(resumed_model)
-    resumed_optimizer.load_state_dict(saved["optimizer"])
-    return resumed_model, resumed_optimizer
-
-
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("stop_at", [10, 17], ids=["on-refresh", "mid-interval"])
 def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
@@ -152,7 +146,7 @@ def test_weights_only_round_trip_continues_bit_identically(name, stop_at):
     model = tiny_mlp()
     opt = make(galore_groups(model))
     losses = train(model, opt, data[:stop_at])
-    resumed_model, resumed_opt = _resume_through_weights_only_checkpoint(model, opt, lambda m: make(galore_groups(m)))
+    resumed_model, resumed_opt = resume_through_weights_only_checkpoint(model, opt, lambda m: make(galore_groups(m)))
     state = resumed_opt.state[resumed_model[0].weight]
     assert state[RIGHT_BASIS].dtype == torch.float32
     if name == "adamw8bit":
@@ -425,7 +419,7 @@ def test_checkpoint_resumes_identically_under_each_refresh_policy(policy):
     opt = GaLoreAdamW(galore_groups(model, **options), lr=1e-2)
     losses = train(model, opt, data[:8])
     make = lambda m: GaLoreAdamW(galore_groups(m, **options), lr=1e-2)  # noqa: E731
-    resumed, resumed_opt = _resume_through_weights_only_checkpoint(model, opt, make)
+    resumed, resumed_opt = resume_through_weights_only_checkpoint(model, opt, make)
     losses += train(resumed, resumed_opt, data[8:])
     assert losses == losses_full
 
