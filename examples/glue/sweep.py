@@ -40,7 +40,8 @@ from compare import parse_methods, parse_seeds, run_method  # noqa: E402
 # embeddings included, trained with a factored Adafactor state). Ranks stop at 16 for both LoRA and GaLore: the
 # comparison is at about LoRA r=8's optimizer memory (GaLore at most 2x it, the issue's bar). GaLore's targets are
 # part of the space, last (so a single value leaves the draws as they were): stages 1 and 2 ran with the pooler as a
-# target; compare.py's recipe dropped it in stage 3 (examples/glue/sweep_results) -------------------------------
+# target; compare.py's recipe dropped it in stage 3 (examples/glue/sweep_results). APOLLO (swept later) has GaLore's
+# keys but the residual, and starts from stage 3's targets -----------------------------------------------------
 SPACES: dict[str, dict[str, list]] = {
     "full": {"learning_rate": [1e-5, 1.5e-5, 2e-5, 3e-5, 5e-5, 7e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5e-4]},
     "lora": {"learning_rate": [1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3], "lora_r": [4, 8, 16]},
@@ -52,6 +53,14 @@ SPACES: dict[str, dict[str, list]] = {
         "residual": ["none", "fira"],
         "non_targets": ["freeze_embeddings", "adafactor"],
         "targets": ["attn,mlp,pooler"],
+    },
+    "apollo": {
+        "learning_rate": [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3],
+        "scale": [1, 2, 4, 8],
+        "rank": [4, 8, 16],
+        "update_proj_gap": [25, 50, 100, 200],
+        "non_targets": ["freeze_embeddings", "adafactor"],
+        "targets": ["attn,mlp"],
     },
 }
 BUDGET = 12  # configurations per method; full's space has exactly 12
@@ -76,6 +85,13 @@ def method_flags(method: str, config: dict[str, Any]) -> list[str]:
         frozen = ["--freeze_embeddings"] if config["non_targets"] == "freeze_embeddings" else []
         targets = ["--optim_target_modules", config["targets"]]
         return ["--optim", optim, *targets, "--optim_args", optim_args, *frozen, *lr]
+    if method == "apollo":
+        optim_args = f"rank={config['rank']},update_proj_gap={config['update_proj_gap']},scale={config['scale']}" + (
+            ",others=adafactor" if config["non_targets"] == "adafactor" else ""
+        )
+        frozen = ["--freeze_embeddings"] if config["non_targets"] == "freeze_embeddings" else []
+        targets = ["--optim_target_modules", config["targets"]]
+        return ["--optim", "apollo_adamw", *targets, "--optim_args", optim_args, *frozen, *lr]
     raise ValueError(f"Invalid method {method!r}. Choose from {', '.join(SPACES)}.")
 
 
