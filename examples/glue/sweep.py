@@ -63,6 +63,12 @@ SPACES: dict[str, dict[str, list]] = {
         "targets": ["attn,mlp"],
     },
 }
+LOW_RANK_KEYS = ("rank", "update_proj_gap", "scale")  # the --optim_args keys of a configuration, in this order
+LOW_RANK = {  # method -> its --optim name and its configuration's --optim_args keys
+    "galore": ("galore_adamw", (*LOW_RANK_KEYS, "residual")),
+    "galore_8bit": ("galore_adamw_8bit", (*LOW_RANK_KEYS, "residual")),
+    "apollo": ("apollo_adamw", LOW_RANK_KEYS),
+}
 BUDGET = 12  # configurations per method; full's space has exactly 12
 QUICK_BUDGET, QUICK_FLAGS = 2, ["--max_train_samples", "200", "--max_eval_samples", "200"]
 # ------------------------------------------------------------------------------------------------------------------
@@ -76,22 +82,13 @@ def method_flags(method: str, config: dict[str, Any]) -> list[str]:
     if method == "lora":
         r = config["lora_r"]
         return ["--method", "lora", "--lora_r", str(r), "--lora_alpha", str(2 * r), *lr]
-    if method in ("galore", "galore_8bit"):
-        optim_args = (
-            f"rank={config['rank']},update_proj_gap={config['update_proj_gap']},scale={config['scale']},"
-            f"residual={config['residual']}" + (",others=adafactor" if config["non_targets"] == "adafactor" else "")
-        )
-        optim = "galore_adamw" if method == "galore" else "galore_adamw_8bit"
+    if method in LOW_RANK:
+        optim, keys = LOW_RANK[method]
+        others = ",others=adafactor" if config["non_targets"] == "adafactor" else ""
+        optim_args = ",".join(f"{key}={config[key]}" for key in keys) + others
         frozen = ["--freeze_embeddings"] if config["non_targets"] == "freeze_embeddings" else []
         targets = ["--optim_target_modules", config["targets"]]
         return ["--optim", optim, *targets, "--optim_args", optim_args, *frozen, *lr]
-    if method == "apollo":
-        optim_args = f"rank={config['rank']},update_proj_gap={config['update_proj_gap']},scale={config['scale']}" + (
-            ",others=adafactor" if config["non_targets"] == "adafactor" else ""
-        )
-        frozen = ["--freeze_embeddings"] if config["non_targets"] == "freeze_embeddings" else []
-        targets = ["--optim_target_modules", config["targets"]]
-        return ["--optim", "apollo_adamw", *targets, "--optim_args", optim_args, *frozen, *lr]
     raise ValueError(f"Invalid method {method!r}. Choose from {', '.join(SPACES)}.")
 
 
