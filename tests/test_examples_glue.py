@@ -267,6 +267,7 @@ def test_compare_table_and_plot(tmp_path):
     assert "| galore | GaLore (rank=8) on attn,mlp; other parameters AdamW, embeddings frozen |" in text
     assert "| lora | LoRA r=8 α=16 on all-linear + classifier head |" in text
     assert "| apollo | APOLLO (rank=8,others=adafactor) on attn,mlp; other parameters adafactor |" in text
+    assert set(compare.TITLES) == set(compare.METHODS)  # the title names every method (read after all runs)
     assert "standard error of about 1.3 points" in compare.notes(results)[1]  # sqrt(0.79 * 0.21 / 1000)
     assert compare.difference_table(results) == "" and len(compare.notes(results)) == 2  # one seed: as before
     compare.plot(results, tmp_path / "plot.png")

@@ -93,9 +93,8 @@ def describe(result: dict[str, Any]) -> str:
 
         others = split_optim_args(result["optim_args"]).get("others", "same")
         rule = ("8-bit AdamW" if "8bit" in result["optim"] else "AdamW") if others == "same" else others
-        family = "GaLore" if result["method"] == "galore" else "APOLLO"
         targets = result["optim_target_modules"]
-        return f"{family} ({result['optim_args']}) on {targets}; other parameters {rule}{frozen}"
+        return f"{TITLES[result['method']]} ({result['optim_args']}) on {targets}; other parameters {rule}{frozen}"
     return f"all parameters, {result['optim']}{frozen}"
 
 
